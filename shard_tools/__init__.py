@@ -1,0 +1,1 @@
+"""streamloc shard tools: metadata formats, geometry, shard writer/reader, storage."""
