@@ -1,0 +1,1 @@
+"""One module per ``python -m shard_tools`` command (thin: parse args, call the library)."""
