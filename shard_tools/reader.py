@@ -1,0 +1,116 @@
+"""Reading shard sets: list shards from a manifest, stream samples from a shard.
+
+This is the small API that ``trainer`` and ``retrieval`` build on. Samples are
+dicts ``{"__key__": key, "__shard__": url, "<ext>": bytes, ...}`` as in
+webdataset; a truncated or corrupt tar ends its shard early with a counted
+error instead of killing the reader.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import tarfile
+from dataclasses import dataclass
+from typing import Any, Iterable, Iterator, Mapping
+
+from . import storage
+from .manifest import load_manifest
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    url: str
+    samples: int
+    images: int
+    bytes: int
+    sha256: str
+
+
+def list_shards(dataset: str, storage_options: Mapping[str, Any] | None = None
+                ) -> list[ShardInfo]:
+    """Shards of a shard set, in manifest order, as full URLs."""
+    manifest = load_manifest(dataset, storage_options)
+    root = dataset[: -len("/manifest.json")] if dataset.endswith("manifest.json") else dataset
+    return [ShardInfo(storage.join(root, s["name"]), s["samples"], s["images"], s["bytes"],
+                      s["sha256"]) for s in manifest["shards"]]
+
+
+def open_shard(url: str, storage_options: Mapping[str, Any] | None = None):
+    """A binary stream of one shard (local path or any fsspec URL)."""
+    return storage.open_read(url, storage_options)
+
+
+def _split_name(name: str) -> tuple[str, str]:
+    base = name.rsplit("/", 1)[-1]
+    prefix = name[: len(name) - len(base)]
+    key, _, ext = base.partition(".")
+    return prefix + key, ext
+
+
+@dataclass
+class ReadErrors:
+    """Errors met while streaming; a reader keeps going and reports them."""
+
+    count: int = 0
+    last: str | None = None
+
+    def add(self, url: str, exc: BaseException) -> None:
+        self.count += 1
+        self.last = f"{url}: {type(exc).__name__}: {exc}"
+        log.warning("shard read error (%d so far): %s", self.count, self.last)
+
+
+def iter_samples(url: str, storage_options: Mapping[str, Any] | None = None,
+                 errors: ReadErrors | None = None) -> Iterator[dict]:
+    """Samples of one shard, in order. A broken tail is skipped and counted in ``errors``."""
+    current: dict | None = None
+    try:
+        with open_shard(url, storage_options) as f, tarfile.open(fileobj=f, mode="r|") as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                key, ext = _split_name(member.name)
+                data = tar.extractfile(member).read()
+                if current is not None and current["__key__"] != key:
+                    yield current
+                    current = None
+                if current is None:
+                    current = {"__key__": key, "__shard__": url}
+                current[ext] = data
+        if current is not None:
+            yield current
+    except (tarfile.TarError, EOFError, OSError) as exc:
+        # the sample being assembled when the tar broke may be partial: drop it
+        if errors is None:
+            raise
+        errors.add(url, exc)
+
+
+def iter_dataset(dataset: str, storage_options: Mapping[str, Any] | None = None,
+                 errors: ReadErrors | None = None) -> Iterator[dict]:
+    for shard in list_shards(dataset, storage_options):
+        yield from iter_samples(shard.url, storage_options, errors)
+
+
+def decode_json(sample: Mapping[str, Any], ext: str = "json") -> dict:
+    return json.loads(sample[ext])
+
+
+def member_images(sample: Mapping[str, Any]) -> tuple[list[bytes], list[bytes]]:
+    """(database images, mined query images) of a place sample, in member order."""
+    def ordered(prefix: str) -> list[bytes]:
+        found = [(int(k[len(prefix):-4]), v) for k, v in sample.items()
+                 if k.startswith(prefix) and k.endswith(".jpg") and k[len(prefix):-4].isdigit()]
+        return [v for _, v in sorted(found)]
+    return ordered("img"), ordered("q")
+
+
+def webdataset_urls(dataset: str | Iterable[str],
+                    storage_options: Mapping[str, Any] | None = None) -> list[str]:
+    """Shard URLs for ``webdataset.WebDataset``, with the s3 opener registered."""
+    storage.register_webdataset_schemes()
+    if isinstance(dataset, str):
+        return [s.url for s in list_shards(dataset, storage_options)]
+    return list(dataset)

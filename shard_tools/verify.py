@@ -1,0 +1,124 @@
+"""Verify a shard set against its manifest: bytes, sha256, counts, records, images."""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import tarfile
+from typing import Any, Mapping
+
+from tqdm.auto import tqdm
+
+from . import storage
+from .jpeg import CorruptImage, check_jpeg, decode_jpeg
+from .manifest import load_manifest
+
+log = logging.getLogger(__name__)
+
+
+class _HashingReader(io.RawIOBase):
+    def __init__(self, raw):
+        self.raw, self.sha256, self.size = raw, hashlib.sha256(), 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buf) -> int:
+        data = self.raw.read(len(buf))
+        n = len(data)
+        buf[:n] = data
+        self.sha256.update(data)
+        self.size += n
+        return n
+
+    def drain(self) -> None:
+        while self.read(1 << 20):
+            pass
+
+
+def _check_sample(kind: str, key: str, files: dict[str, bytes], quick: bool) -> list[str]:
+    problems = []
+    if "json" not in files:
+        return [f"sample {key}: no .json record"]
+    try:
+        rec = json.loads(files["json"])
+    except json.JSONDecodeError as exc:
+        return [f"sample {key}: bad JSON: {exc}"]
+    jpgs = {ext: data for ext, data in files.items() if ext.endswith("jpg")}
+    if kind == "images" and set(jpgs) != {"jpg"}:
+        problems.append(f"sample {key}: expected one .jpg, found {sorted(jpgs)}")
+    if kind == "places":
+        want = ({f"img{i}.jpg" for i in range(len(rec.get("images", [])))}
+                | {f"q{i}.jpg" for i in range(len(rec.get("queries", [])))})
+        if set(jpgs) != want:
+            problems.append(f"sample {key}: members {sorted(jpgs)} do not match its record")
+    for ext, data in jpgs.items():
+        try:
+            check_jpeg(data) if quick else decode_jpeg(data)
+        except CorruptImage as exc:
+            problems.append(f"sample {key}.{ext}: {exc}")
+    return problems
+
+
+def verify_shard(url: str, entry: Mapping[str, Any], kind: str, quick: bool = False,
+                 storage_options: Mapping[str, Any] | None = None, bar=None) -> list[str]:
+    """Problems found in one shard (empty when it is sound)."""
+    problems: list[str] = []
+    samples = images = 0
+    if not storage.exists(url, storage_options):
+        return [f"{entry['name']}: missing"]
+    with storage.open_read(url, storage_options) as raw:
+        reader = _HashingReader(raw)
+        buffered = io.BufferedReader(reader, 1 << 20)
+        key, files = None, {}
+
+        def flush():
+            nonlocal samples, images
+            if key is not None:
+                samples += 1
+                n = sum(1 for e in files if e.endswith("jpg"))
+                images += n
+                problems.extend(f"{entry['name']}: {p}" for p in
+                                _check_sample(kind, key, files, quick))
+                if bar is not None:
+                    bar.update(n)
+
+        try:
+            with tarfile.open(fileobj=buffered, mode="r|") as tar:
+                for member in tar:
+                    if not member.isfile():
+                        continue
+                    k, _, ext = member.name.partition(".")
+                    if k != key:
+                        flush()
+                        key, files = k, {}
+                    files[ext] = tar.extractfile(member).read()
+                flush()
+        except (tarfile.TarError, EOFError, OSError) as exc:
+            problems.append(f"{entry['name']}: unreadable tar ({exc})")
+        buffered.read()
+        reader.drain()
+    if reader.size != entry["bytes"]:
+        problems.append(f"{entry['name']}: {reader.size} bytes, manifest says {entry['bytes']}")
+    if reader.sha256.hexdigest() != entry["sha256"]:
+        problems.append(f"{entry['name']}: sha256 differs from the manifest")
+    if samples != entry["samples"]:
+        problems.append(f"{entry['name']}: {samples} samples, manifest says {entry['samples']}")
+    if images != entry["images"]:
+        problems.append(f"{entry['name']}: {images} images, manifest says {entry['images']}")
+    return problems
+
+
+def verify(dataset: str, quick: bool = False,
+           storage_options: Mapping[str, Any] | None = None, progress: bool = True
+           ) -> tuple[dict, list[str]]:
+    """(manifest, problems) of a shard set."""
+    manifest = load_manifest(dataset, storage_options)
+    problems: list[str] = []
+    with tqdm(total=manifest["totals"]["images"], unit="img", unit_scale=True,
+              desc="verify", disable=not progress, dynamic_ncols=True) as bar:
+        for entry in manifest["shards"]:
+            problems += verify_shard(storage.join(dataset, entry["name"]), entry,
+                                     manifest["kind"], quick, storage_options, bar)
+    return manifest, problems

@@ -1,0 +1,174 @@
+"""Write one shard: a deterministic tar, made visible only when complete.
+
+Members are written in plan order with fixed metadata (mtime 0, uid/gid 0,
+mode 0444, ustar), so the same plan gives byte-identical shards. The tar goes
+to a temporary name, then is renamed (local) or uploaded (object store);
+``<shard>.stats.json`` is written last and marks the shard complete.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import io
+import json
+import logging
+import os
+import tarfile
+import tempfile
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping
+
+from . import storage
+from .jpeg import CorruptImage, check_jpeg, resize_jpeg
+from .plan import Sample, ShardSpec
+from .sources import Item, Reject
+
+log = logging.getLogger(__name__)
+
+STATS_SUFFIX = ".stats.json"
+
+
+class StrictReject(ValueError):
+    """Raised instead of skipping a bad image when ``--strict`` is on."""
+
+
+@dataclass(frozen=True)
+class WriteOptions:
+    kind: str
+    max_side: int | None = None
+    quality: int = 90
+    strict: bool = False
+    storage_options: Mapping[str, Any] | None = None
+
+
+class _HashingFile(io.RawIOBase):
+    """A write-only file that hashes and counts what passes through it."""
+
+    def __init__(self, raw):
+        self.raw, self.sha256, self.size = raw, hashlib.sha256(), 0
+
+    def writable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self.size
+
+    def write(self, b) -> int:
+        self.sha256.update(b)
+        self.size += len(b)
+        return self.raw.write(b)
+
+
+def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode = len(data), 0, 0o444
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    tar.addfile(info, io.BytesIO(data))
+
+
+def _json_bytes(obj: Any) -> bytes:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
+
+
+def _load_image(item: Item, opts: WriteOptions) -> bytes:
+    fs, path = storage.filesystem(item.url, opts.storage_options)
+    with fs.open(path, "rb") as f:
+        data = f.read()
+    if opts.max_side:
+        return resize_jpeg(data, opts.max_side, opts.quality)
+    check_jpeg(data)
+    return data
+
+
+def _member_record(item: Item, key: str) -> dict:
+    rec = copy.copy(item.record)
+    rec["key"] = key
+    return rec
+
+
+def _sample_members(sample: Sample, opts: WriteOptions,
+                    reject: Callable[[Item, str], None]) -> list[tuple[str, bytes]] | None:
+    """The tar members of one sample, or None when nothing good is left in it."""
+    def load(item: Item) -> bytes | None:
+        try:
+            return _load_image(item, opts)
+        except (CorruptImage, OSError) as exc:
+            reject(item, str(exc) if isinstance(exc, CorruptImage) else f"unreadable: {exc}")
+            return None
+
+    if opts.kind == "images":
+        item = sample.images[0]
+        data = load(item)
+        if data is None:
+            return None
+        return [(f"{sample.key}.jpg", data),
+                (f"{sample.key}.json", _json_bytes(_member_record(item, sample.key)))]
+
+    members, images, queries = [], [], []
+    for role, items, out, ext in (("img", sample.images, images, "img"),
+                                  ("q", sample.queries, queries, "q")):
+        for item in items:
+            data = load(item)
+            if data is None:
+                continue
+            i = len(out)
+            rec = _member_record(item, f"{sample.key}_{role}{i}")
+            if role == "q":
+                rec["place_id"] = sample.place_id
+            out.append(rec)
+            members.append((f"{sample.key}.{ext}{i}.jpg", data))
+    if not images:
+        return None
+    place = {"key": sample.key, "place_id": sample.place_id, "images": images,
+             "queries": queries}
+    return [(f"{sample.key}.json", _json_bytes(place))] + members
+
+
+def stats_url(out_url: str, shard_name: str) -> str:
+    return storage.join(out_url, shard_name + STATS_SUFFIX)
+
+
+def write_shard(spec: ShardSpec, out_url: str, opts: WriteOptions,
+                on_image: Callable[[int], None] | None = None) -> dict:
+    """Write ``spec`` under ``out_url``; returns the stats also saved as ``.stats.json``."""
+    rejects: list[Reject] = []
+
+    def reject(item: Item, reason: str) -> None:
+        if opts.strict:
+            raise StrictReject(f"{item.record['source']}: {reason}")
+        log.warning("skipping %s: %s", item.record["source"], reason)
+        rejects.append(Reject(item.record["source"], reason, "write"))
+
+    final = storage.join(out_url, spec.name)
+    if storage.is_remote(out_url):
+        fd, tmp = tempfile.mkstemp(prefix="streamloc-", suffix=".tar")
+        os.close(fd)
+    else:
+        os.makedirs(out_url, exist_ok=True)
+        tmp = storage.join(out_url, f".{spec.name}.tmp-{os.getpid()}")
+    samples = images = 0
+    try:
+        with open(tmp, "wb") as raw:
+            hashed = _HashingFile(raw)
+            with tarfile.open(fileobj=hashed, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+                for sample in spec.samples:
+                    members = _sample_members(sample, opts, reject)
+                    if on_image:
+                        on_image(sample.num_images)
+                    if members is None:
+                        continue
+                    for name, data in members:
+                        _add(tar, name, data)
+                    samples += 1
+                    images += sum(1 for name, _ in members if name.endswith(".jpg"))
+        storage.put_file_atomic(tmp, final, opts.storage_options)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    stats = {"shard": spec.name, "samples": samples, "images": images, "bytes": hashed.size,
+             "sha256": hashed.sha256.hexdigest(),
+             "rejects": [r.to_json() for r in rejects]}
+    storage.write_json_atomic(stats_url(out_url, spec.name), stats, opts.storage_options)
+    return stats
