@@ -107,6 +107,17 @@ def plan_args(cfg: ConvertConfig) -> dict:
     return args
 
 
+def _remove_stale_temporaries(out_url: str, todo: list[planning.ShardSpec]) -> None:
+    """Delete what a killed run left of this task's unfinished shards (local output)."""
+    if storage.is_remote(out_url) or not os.path.isdir(out_url):
+        return
+    prefixes = tuple(f".{spec.name}.tmp-" for spec in todo)
+    for name in os.listdir(out_url):
+        if name.startswith(prefixes):
+            log.info("removing %s left by an interrupted run", name)
+            os.unlink(os.path.join(out_url, name))
+
+
 def convert(cfg: ConvertConfig) -> ConvertResult:
     """Convert this task's range of the plan, skipping shards that are already complete."""
     task_index, num_tasks = (cfg.task_index, cfg.num_tasks)
@@ -123,6 +134,7 @@ def convert(cfg: ConvertConfig) -> ConvertResult:
     if len(todo) < len(mine):
         log.info("resuming: %d of %d shards of this task are already complete",
                  len(mine) - len(todo), len(mine))
+    _remove_stale_temporaries(cfg.output, todo)
     opts = WriteOptions(kind=cfg.kind, max_side=cfg.max_side, quality=cfg.quality,
                         strict=cfg.strict, storage_options=cfg.storage_options)
     bar = tqdm(total=sum(s.num_images for s in todo), unit="img", unit_scale=True,

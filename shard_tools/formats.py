@@ -43,7 +43,8 @@ def empty_record(**fields: Any) -> dict:
 
 
 def _bad(fmt: str, name: str, field: str, why: str) -> ValueError:
-    return ValueError(f"malformed {fmt} name {name!r}: field {field!r} {why}")
+    what = fmt if " " in fmt else f"{fmt} name"   # "csv row" / "earthloc name"
+    return ValueError(f"malformed {what} {name!r}: field {field!r} {why}")
 
 
 def _float(fmt: str, name: str, field: str, text: str, lo: float | None = None,
@@ -114,7 +115,7 @@ def footprint_centroid(footprint: Iterable[Iterable[float]]) -> tuple[float, flo
 
 def _year_month(timestamp: str) -> tuple[int | None, int | None]:
     digits = timestamp.strip()
-    if len(digits) >= 4 and digits[:4].isdigit():
+    if len(digits) >= 4 and digits.isdigit():
         year = int(digits[:4])
         month = int(digits[4:6]) if len(digits) >= 6 and digits[4:6].isdigit() else None
         if month is not None and not 1 <= month <= 12:
@@ -164,10 +165,12 @@ def parse_earthloc_name(name: str) -> dict:
 
 
 def format_earthloc_name(record: Mapping[str, Any], decimals: int | None = None,
-                         nadir_decimals: int | None = None) -> str:
+                         nadir_decimals: int | None = None,
+                         orientation_decimals: int | None = None) -> str:
     """The EarthLoc file name (no folder) of a record.
 
-    ``decimals`` fixes the corner precision (real queries use 6, tiles 5); by
+    ``decimals`` fixes the corner precision (real queries use 6 decimals, a
+    1-decimal nadir and orientation; tiles 5 decimals and orientation 0); by
     default numbers are written in their shortest exact form, so that
     ``parse(format(parse(x))) == parse(x)`` holds for any input.
     """
@@ -181,17 +184,20 @@ def format_earthloc_name(record: Mapping[str, Any], decimals: int | None = None,
     fields = [_fmt_fixed(v, decimals) for corner in footprint for v in corner]
     fields += [str(record["image_id"]), str(timestamp),
                _fmt_fixed(nadir[0], nadir_decimals), _fmt_fixed(nadir[1], nadir_decimals),
-               _fmt_num(record.get("area_km2") or 0), _fmt_num(record.get("orientation_deg") or 0)]
+               _fmt_num(round(record.get("area_km2") or 0) if decimals is not None
+                        else (record.get("area_km2") or 0)),
+               _fmt_fixed(record.get("orientation_deg") or 0, orientation_decimals)]
     return "@" + "@".join(fields) + "@.jpg"
 
 
 def earthloc_database_folder(record: Mapping[str, Any]) -> str:
-    """``database/<year>_<zoom:02d>/<round(lat,-1)>_<round(lon,-1)>`` of a tile record."""
+    """``database/<year>_<zoom:02d>/<round(lat,-1)>_<round(lon,-1)>`` of the tile centre."""
     m = TILE_ID_RE.match(str(record["image_id"]))
     if not m:
         raise ValueError(f"not a tile id: {record['image_id']!r}")
-    lat = int(round(record["lat"], -1))
-    lon = int(round(record["lon"], -1))
+    clat, clon = record.get("nadir") or (record["lat"], record["lon"])  # tile names: centre
+    lat = int(round(clat, -1))
+    lon = int(round(clon, -1))
     return f"database/{record['year']}_{m.group(1)}/{lat}_{lon}"
 
 
@@ -262,17 +268,17 @@ def parse_gsv_cities_row(row: Mapping[str, Any], source: str | None = None) -> d
 
     Place ids are only unique within a city, so ``place_id`` is ``<city>_<id:07d>``.
     """
-    fmt = "gsv-cities"
+    fmt = "gsv-cities row"
     where = source or str(dict(row))
     missing = [c for c in GSV_CITIES_COLUMNS if row.get(c) in (None, "")]
     if missing:
-        raise ValueError(f"malformed {fmt} row {where!r}: field {missing[0]!r} is missing")
+        raise ValueError(f"malformed {fmt} {where!r}: field {missing[0]!r} is missing")
     ints = {}
     for col in ("place_id", "year", "month"):
         try:
             ints[col] = int(float(row[col]))
         except ValueError:
-            raise ValueError(f"malformed {fmt} row {where!r}: field {col!r} is not an "
+            raise ValueError(f"malformed {fmt} {where!r}: field {col!r} is not an "
                              f"integer: {row[col]!r}") from None
     lat = _float(fmt, where, "lat", str(row["lat"]), -90.0, 90.0)
     lon = _float(fmt, where, "lon", str(row["lon"]), -180.0, 180.0)
@@ -318,11 +324,11 @@ def parse_csv_row(row: Mapping[str, Any]) -> dict:
     eight footprint corners ``lat1..lon4``, ``area_km2``, ``orientation_deg``,
     ``heading_deg``.
     """
-    fmt = "csv"
+    fmt = "csv row"
     where = str(row.get("path") or dict(row))
     missing = [c for c in CSV_REQUIRED if row.get(c) in (None, "")]
     if missing:
-        raise ValueError(f"malformed {fmt} row {where!r}: field {missing[0]!r} is missing")
+        raise ValueError(f"malformed {fmt} {where!r}: field {missing[0]!r} is missing")
     lat = _float(fmt, where, "lat", str(row["lat"]), -90.0, 90.0)
     lon = _float(fmt, where, "lon", str(row["lon"]), -180.0, 180.0)
     footprint = None
@@ -336,14 +342,14 @@ def parse_csv_row(row: Mapping[str, Any]) -> dict:
             try:
                 extra[col] = int(float(row[col]))
             except ValueError:
-                raise ValueError(f"malformed {fmt} row {where!r}: field {col!r} is not an "
+                raise ValueError(f"malformed {fmt} {where!r}: field {col!r} is not an "
                                  f"integer: {row[col]!r}") from None
     for col, field in _CSV_OPTIONAL_FLOAT.items():
         if row.get(col) not in (None, ""):
             extra[field] = _float(fmt, where, col, str(row[col]))
     kind = row.get("kind") or "database"
     if kind not in KINDS:
-        raise ValueError(f"malformed {fmt} row {where!r}: field 'kind' must be one of {KINDS}")
+        raise ValueError(f"malformed {fmt} {where!r}: field 'kind' must be one of {KINDS}")
     return empty_record(
         source=str(row["path"]), kind=kind, lat=lat, lon=lon, footprint=footprint,
         image_id=row.get("image_id") or None, place_id=str(row["place_id"]),

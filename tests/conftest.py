@@ -49,3 +49,42 @@ def run_env() -> dict:
     env = dict(os.environ)
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
     return env
+
+
+# ---------------------------------------------------------------- synthetic inputs
+
+def earthloc_tile_path(image_id: str, year: int) -> str:
+    """A tile path exactly as EarthLoc lays it out (folder from year, zoom, centre)."""
+    from shard_tools import formats
+    from shard_tools.geometry import tile_area_km2, tile_center, tile_footprint
+
+    lat, lon = tile_center(image_id)
+    rec = formats.empty_record(footprint=tile_footprint(image_id), image_id=image_id,
+                               timestamp=str(year), year=year, nadir=[lat, lon], lat=lat,
+                               lon=lon, area_km2=round(tile_area_km2(image_id)),
+                               orientation_deg=0)
+    name = formats.format_earthloc_name(rec, decimals=5, nadir_decimals=5)
+    return f"{formats.earthloc_database_folder(rec)}/{name}"
+
+
+def earthloc_query_name(image_id: str, n: int, shift: float = 0.1) -> str:
+    """A query footprint: the tile's, shifted and slightly rotated in order."""
+    from shard_tools import formats
+    from shard_tools.geometry import tile_footprint
+
+    fp = [[lat + shift, lon + shift] for lat, lon in tile_footprint(image_id)]
+    fp = fp[1:] + fp[:1]
+    rec = formats.empty_record(footprint=fp, image_id=f"ISS0{60 + n % 10}-E-{1000 + n}",
+                               timestamp="20200105", nadir=[fp[0][0] + 1, fp[0][1] - 1],
+                               area_km2=12345, orientation_deg=90.0)
+    return formats.format_earthloc_name(rec, decimals=6, nadir_decimals=1,
+                                        orientation_decimals=1)
+
+
+def make_earthloc_tree(root: Path, tile_ids, years=(2019, 2021), seed0: int = 0) -> list[str]:
+    names = [earthloc_tile_path(t, y) for t in tile_ids for y in years]
+    write_jpegs(root, names, seed0=seed0)
+    return names
+
+
+TEST_TILES = [f"08_{r:04d}_{c:04d}" for r in (100, 102, 104) for c in (60, 62, 64, 66)]
