@@ -54,6 +54,7 @@ def read_plan(out_url: str, storage_options: Mapping[str, Any] | None = None) ->
 def completed_shards(out_url: str, storage_options: Mapping[str, Any] | None = None) -> set[str]:
     """Names of shards whose ``.stats.json`` exists (one listing, not one call per shard)."""
     fs, path = storage.filesystem(out_url, storage_options)
+    fs.invalidate_cache(path)  # other processes/tasks write here: never trust a cached listing
     if not fs.exists(path):
         return set()
     names = (p.rsplit("/", 1)[-1] for p in fs.ls(path, detail=False))

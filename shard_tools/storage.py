@@ -111,7 +111,9 @@ def list_inputs(src: str, storage_options: Mapping[str, Any] | None = None,
 
 
 def exists(url: str, storage_options: Mapping[str, Any] | None = None) -> bool:
+    """Fresh existence check (object-store listings are cached per process)."""
     fs, path = filesystem(url, storage_options)
+    fs.invalidate_cache(path)
     return fs.exists(path)
 
 
@@ -194,7 +196,9 @@ def register_webdataset_schemes(schemes: tuple[str, ...] = ("s3", "s3a")) -> Non
     Idempotent; the handler reads the endpoint from the environment in each
     worker process, so it also works in DataLoader workers.
     """
-    from webdataset import gopen
+    import importlib
+
+    gopen = importlib.import_module("webdataset.gopen")  # the package re-exports a function of the same name
 
     for scheme in schemes:
         gopen.gopen_schemes[scheme] = _gopen_fsspec
