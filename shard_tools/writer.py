@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import io
 import json
 import logging
 import os
@@ -41,30 +40,33 @@ class WriteOptions:
     storage_options: Mapping[str, Any] | None = None
 
 
-class _HashingFile(io.RawIOBase):
-    """A write-only file that hashes and counts what passes through it."""
+class _TarWriter:
+    """A minimal deterministic ustar writer that hashes and counts its bytes.
+
+    One ``write`` per member (header + data + padding) instead of tarfile's
+    16 KiB copy loop: copy mode must keep up with ``tar``.
+    """
 
     def __init__(self, raw):
         self.raw, self.sha256, self.size = raw, hashlib.sha256(), 0
 
-    def writable(self) -> bool:
-        return True
-
-    def tell(self) -> int:
-        return self.size
-
-    def write(self, b) -> int:
+    def _write(self, b: bytes) -> None:
         self.sha256.update(b)
         self.size += len(b)
-        return self.raw.write(b)
+        self.raw.write(b)
 
+    def add(self, name: str, data: bytes) -> None:
+        info = tarfile.TarInfo(name)
+        info.size, info.mtime, info.mode = len(data), 0, 0o444
+        info.uid = info.gid = 0
+        info.uname = info.gname = ""
+        pad = -len(data) % tarfile.BLOCKSIZE
+        self._write(info.tobuf(tarfile.USTAR_FORMAT, "utf-8", "strict") + data + b"\0" * pad)
 
-def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size, info.mtime, info.mode = len(data), 0, 0o444
-    info.uid = info.gid = 0
-    info.uname = info.gname = ""
-    tar.addfile(info, io.BytesIO(data))
+    def close(self) -> None:
+        """End-of-archive blocks, padded to a whole record as tar does."""
+        end = self.size + 2 * tarfile.BLOCKSIZE
+        self._write(b"\0" * (2 * tarfile.BLOCKSIZE + (-end % tarfile.RECORDSIZE)))
 
 
 def _json_bytes(obj: Any) -> bytes:
@@ -72,9 +74,7 @@ def _json_bytes(obj: Any) -> bytes:
 
 
 def _load_image(item: Item, opts: WriteOptions) -> bytes:
-    fs, path = storage.filesystem(item.url, opts.storage_options)
-    with fs.open(path, "rb") as f:
-        data = f.read()
+    data = storage.read_bytes(item.url, opts.storage_options)
     if opts.max_side:
         return resize_jpeg(data, opts.max_side, opts.quality)
     check_jpeg(data)
@@ -150,25 +150,25 @@ def write_shard(spec: ShardSpec, out_url: str, opts: WriteOptions,
     samples = images = 0
     try:
         with open(tmp, "wb") as raw:
-            hashed = _HashingFile(raw)
-            with tarfile.open(fileobj=hashed, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-                for sample in spec.samples:
-                    members = _sample_members(sample, opts, reject)
-                    if on_image:
-                        on_image(sample.num_images)
-                    if members is None:
-                        continue
-                    for name, data in members:
-                        _add(tar, name, data)
-                    samples += 1
-                    images += sum(1 for name, _ in members if name.endswith(".jpg"))
+            tar = _TarWriter(raw)
+            for sample in spec.samples:
+                members = _sample_members(sample, opts, reject)
+                if on_image:
+                    on_image(sample.num_images)
+                if members is None:
+                    continue
+                for name, data in members:
+                    tar.add(name, data)
+                samples += 1
+                images += sum(1 for name, _ in members if name.endswith(".jpg"))
+            tar.close()
         storage.put_file_atomic(tmp, final, opts.storage_options)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
-    stats = {"shard": spec.name, "samples": samples, "images": images, "bytes": hashed.size,
-             "sha256": hashed.sha256.hexdigest(),
+    stats = {"shard": spec.name, "samples": samples, "images": images, "bytes": tar.size,
+             "sha256": tar.sha256.hexdigest(),
              "rejects": [r.to_json() for r in rejects]}
     storage.write_json_atomic(stats_url(out_url, spec.name), stats, opts.storage_options)
     return stats
