@@ -88,3 +88,16 @@ def make_earthloc_tree(root: Path, tile_ids, years=(2019, 2021), seed0: int = 0)
 
 
 TEST_TILES = [f"08_{r:04d}_{c:04d}" for r in (100, 102, 104) for c in (60, 62, 64, 66)]
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster(tmp_path_factory):
+    """A real single-node SLURM (skips, saying why, where it cannot exist)."""
+    from slurm_cluster import SlurmCluster, unavailable_reason
+
+    reason = unavailable_reason()
+    if reason:
+        pytest.skip(reason)
+    cluster = SlurmCluster(tmp_path_factory.mktemp("slurm")).start()
+    yield cluster
+    cluster.stop()
