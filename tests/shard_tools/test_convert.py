@@ -412,3 +412,11 @@ def test_list_shards_gives_urls_in_manifest_order(earthloc, tmp_path):
     shards = list_shards(str(out))
     assert [Path(s.url).name for s in shards] == [f"images-{i:06d}.tar" for i in range(3)]
     assert sum(s.samples for s in shards) == 24
+
+
+def test_console_script_is_installed():
+    script = Path(PYTHON).parent / "streamloc-shards"
+    if not script.exists():
+        pytest.skip("streamloc is not pip-installed in this interpreter's environment")
+    proc = subprocess.run([str(script), "--help"], capture_output=True, text=True)
+    assert proc.returncode == 0 and "convert" in proc.stdout and "verify" in proc.stdout
