@@ -1,0 +1,103 @@
+"""Model configuration: one dataclass, validated so that a typo fails loudly."""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Mapping
+
+__all__ = ["ModelConfig", "check_keys", "image_hw"]
+
+
+def check_keys(given: Iterable[str], valid: Iterable[str], where: str) -> None:
+    """Raise a one-line ValueError for the first unknown key, suggesting the closest valid one.
+
+    Configs come from YAML and the command line, where a misspelt key would otherwise be
+    silently ignored and a run would train with a default nobody asked for.
+    """
+    valid = sorted(valid)
+    for key in given:
+        if key not in valid:
+            close = difflib.get_close_matches(str(key), valid, n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(valid)}"
+            raise ValueError(f"unknown key '{key}' in {where}{hint}")
+
+
+def image_hw(size: int | Iterable[int]) -> tuple[int, int]:
+    """Normalise an image size given as an int or [H, W] to (H, W)."""
+    if isinstance(size, bool):
+        raise ValueError(f"image_size must be an int or [H, W], got {size!r}")
+    if isinstance(size, int):
+        return (size, size)
+    values = tuple(int(v) for v in size)
+    if len(values) != 2:
+        raise ValueError(f"image_size must be an int or [H, W], got {size!r}")
+    return values  # type: ignore[return-value]
+
+
+@dataclass
+class ModelConfig:
+    """Everything needed to rebuild an encoder; saved next to its weights.
+
+    - ``backbone``: resnet18/34/50/101 or dinov2_small/base/large (timm
+      ``vit_*_patch14_reg4_dinov2`` names are accepted too).
+    - ``pretrained``: None/False (random init), True (ImageNet for ResNet, LVD-142M for
+      DINOv2), a hub name/tag, or a local ``.pth``/``.safetensors`` file.
+    - ``layers_to_crop`` / ``layers_to_freeze``: ResNet only (``-1`` freezes nothing,
+      ``0`` conv1/bn1, ``n`` conv1/bn1 and layer1..n).
+    - ``unfreeze_last_blocks``: DINOv2 only; the last N blocks and the final norm train
+      (``-1``: the whole backbone trains).
+    - ``aggregator``: ``{name: ..., <keyword params>}``; input-side params may be omitted.
+    - ``projection_dim``: optional Linear after the aggregator (EarthLoc's 4096 -> 4096).
+    """
+
+    backbone: str = "resnet50"
+    pretrained: bool | str | None = None
+    image_size: int | tuple[int, int] = 320
+    layers_to_crop: list[int] = field(default_factory=list)
+    layers_to_freeze: int = -1
+    unfreeze_last_blocks: int = 1
+    aggregator: dict[str, Any] = field(default_factory=lambda: {"name": "gem"})
+    projection_dim: int | None = None
+    channels_last: bool = False
+    compile: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.aggregator, str):
+            self.aggregator = {"name": self.aggregator}
+        if not isinstance(self.aggregator, Mapping) or "name" not in self.aggregator:
+            raise ValueError("model.aggregator must be a mapping with a 'name' key")
+        self.aggregator = dict(self.aggregator)
+        self.image_size = image_hw(self.image_size)
+        self.layers_to_crop = sorted(int(v) for v in (self.layers_to_crop or []))
+
+    @property
+    def image_hw(self) -> tuple[int, int]:
+        return image_hw(self.image_size)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "ModelConfig":
+        check_keys(data.keys(), cls.field_names(), "model config")
+        return cls(**dict(data))
+
+    @classmethod
+    def coerce(cls, cfg: "ModelConfig | Mapping[str, Any]") -> "ModelConfig":
+        if isinstance(cfg, cls):
+            return dataclasses.replace(cfg)
+        if isinstance(cfg, Mapping):
+            return cls.from_dict(cfg)
+        raise TypeError(f"expected a ModelConfig or a mapping, got {type(cfg).__name__}")
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls)]
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-friendly dict (tuples become lists)."""
+        out = dataclasses.asdict(self)
+        out["image_size"] = list(self.image_hw)
+        return out
+
+    def replace(self, **changes: Any) -> "ModelConfig":
+        check_keys(changes.keys(), self.field_names(), "model config")
+        return dataclasses.replace(self, **changes)
