@@ -62,27 +62,34 @@ class ReadErrors:
         log.warning("shard read error (%d so far): %s", self.count, self.last)
 
 
+def iter_tar_samples(fileobj, url: str = "") -> Iterator[dict]:
+    """Group a tar stream's members into samples by key (webdataset's convention:
+    the key is the file name up to its first dot). Errors propagate."""
+    current: dict | None = None
+    with tarfile.open(fileobj=fileobj, mode="r|") as tar:
+        for member in tar:
+            if not member.isfile():
+                continue
+            key, ext = _split_name(member.name)
+            data = tar.extractfile(member).read()
+            if current is not None and current["__key__"] != key:
+                yield current
+                current = None
+            if current is None:
+                current = {"__key__": key, "__shard__": url}
+            current[ext] = data
+    if current is not None:
+        yield current
+
+
 def iter_samples(url: str, storage_options: Mapping[str, Any] | None = None,
                  errors: ReadErrors | None = None) -> Iterator[dict]:
-    """Samples of one shard, in order. A broken tail is skipped and counted in ``errors``."""
-    current: dict | None = None
+    """Samples of one shard, in order. A broken tail is skipped and counted in ``errors``
+    (the sample being assembled when the tar broke may be partial, so it is dropped)."""
     try:
-        with open_shard(url, storage_options) as f, tarfile.open(fileobj=f, mode="r|") as tar:
-            for member in tar:
-                if not member.isfile():
-                    continue
-                key, ext = _split_name(member.name)
-                data = tar.extractfile(member).read()
-                if current is not None and current["__key__"] != key:
-                    yield current
-                    current = None
-                if current is None:
-                    current = {"__key__": key, "__shard__": url}
-                current[ext] = data
-        if current is not None:
-            yield current
+        with open_shard(url, storage_options) as f:
+            yield from iter_tar_samples(f, url)
     except (tarfile.TarError, EOFError, OSError) as exc:
-        # the sample being assembled when the tar broke may be partial: drop it
         if errors is None:
             raise
         errors.add(url, exc)

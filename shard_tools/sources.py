@@ -12,7 +12,9 @@ import logging
 import os
 import posixpath
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
+
+from tqdm.auto import tqdm
 
 from . import formats, storage
 
@@ -134,6 +136,20 @@ SCANNERS = {
     "vpr": scan_vpr,
     "csv": scan_csv,
 }
+
+
+def read_records(src: str, parse: Callable[[str], dict], what: str,
+                 storage_options: Mapping[str, Any] | None = None) -> list[dict]:
+    """Records of every name in SRC, in SRC's order; only names are read.
+
+    Unlike ``scan``, a malformed name is an error: ground truth is indexed by
+    position, so skipping a name would shift every index after it.
+    """
+    names = storage.list_inputs(src, storage_options).names
+    if not names:
+        raise ValueError(f"no images in {what} {src}")
+    return [parse(n) for n in tqdm(names, desc=f"parse {what}", unit="name", leave=False,
+                                   disable=len(names) < 50_000)]
 
 
 def scan(fmt: str, src: str, storage_options: Mapping[str, Any] | None = None) -> Scan:

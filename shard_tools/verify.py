@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 from . import storage
 from .jpeg import CorruptImage, check_jpeg, decode_jpeg
 from .manifest import load_manifest
+from .reader import iter_tar_samples
 
 log = logging.getLogger(__name__)
 
@@ -71,30 +72,16 @@ def verify_shard(url: str, entry: Mapping[str, Any], kind: str, quick: bool = Fa
     with storage.open_read(url, storage_options) as raw:
         reader = _HashingReader(raw)
         buffered = io.BufferedReader(reader, 1 << 20)
-        key, files = None, {}
-
-        def flush():
-            nonlocal samples, images
-            if key is not None:
-                samples += 1
+        try:
+            for sample in iter_tar_samples(buffered, url):
+                files = {k: v for k, v in sample.items() if not k.startswith("__")}
                 n = sum(1 for e in files if e.endswith("jpg"))
+                samples += 1
                 images += n
                 problems.extend(f"{entry['name']}: {p}" for p in
-                                _check_sample(kind, key, files, quick))
+                                _check_sample(kind, sample["__key__"], files, quick))
                 if bar is not None:
                     bar.update(n)
-
-        try:
-            with tarfile.open(fileobj=buffered, mode="r|") as tar:
-                for member in tar:
-                    if not member.isfile():
-                        continue
-                    k, _, ext = member.name.partition(".")
-                    if k != key:
-                        flush()
-                        key, files = k, {}
-                    files[ext] = tar.extractfile(member).read()
-                flush()
         except (tarfile.TarError, EOFError, OSError) as exc:
             problems.append(f"{entry['name']}: unreadable tar ({exc})")
         buffered.read()

@@ -3,14 +3,12 @@ from __future__ import annotations
 
 import json
 import logging
-from typing import Callable
-
-from tqdm.auto import tqdm
 
 from .. import storage
 from ..formats import parse_earthloc_name
 from ..ground_truth import mine_pairs
 from ..regions import outside_regions, resolve_regions
+from ..sources import read_records
 
 log = logging.getLogger(__name__)
 
@@ -30,16 +28,6 @@ The output maps each database path (as listed in SRC) to the sorted names of the
 queries whose IoU with it is strictly above --min-iou. IoU is computed on the
 equal-area projection (x = lon in radians, y = sin lat).
 """
-
-
-def read_records(src: str, parse: Callable[[str], dict], what: str,
-                 storage_options: dict | None = None) -> list[dict]:
-    """Records of every name in SRC (folder, .txt list, or URL); only names are read."""
-    names = storage.list_inputs(src, storage_options).names
-    if not names:
-        raise ValueError(f"no images in {what} {src}")
-    return [parse(n) for n in tqdm(names, desc=f"parse {what}", unit="name", leave=False,
-                                   disable=len(names) < 50_000)]
 
 
 def add_arguments(p) -> None:

@@ -10,7 +10,7 @@ from .. import storage
 from ..formats import parse_earthloc_name, parse_vpr_name
 from ..ground_truth import (VPR_RADIUS_M, apl_positives_from_records, positives_to_lists,
                             vpr_positives_from_records)
-from .pairs import read_records
+from ..sources import read_records
 
 log = logging.getLogger(__name__)
 

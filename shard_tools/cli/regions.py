@@ -6,7 +6,7 @@ import json
 from .. import storage
 from ..formats import parse_earthloc_name
 from ..regions import REGION_GROUPS, REGIONS, region_counts, resolve_regions
-from .pairs import read_records
+from ..sources import read_records
 
 HELP = "count the queries (and database images) of EarthLoc's test regions or your own"
 EXAMPLES = """\
