@@ -101,3 +101,16 @@ def slurm_cluster(tmp_path_factory):
     cluster = SlurmCluster(tmp_path_factory.mktemp("slurm")).start()
     yield cluster
     cluster.stop()
+
+
+# ---------------------------------------------------------------- handmade footprints
+
+def square(lat: float, lon: float, half: float = 1.0) -> list[list[float]]:
+    """An axis-aligned [lat, lon] quad, corners in ring order."""
+    return [[lat + half, lon - half], [lat + half, lon + half], [lat - half, lon + half],
+            [lat - half, lon - half]]
+
+
+def diamond(lat: float, lon: float, r: float) -> list[list[float]]:
+    """A square rotated by 45 degrees (as a rotated ISS footprint)."""
+    return [[lat + r, lon], [lat, lon + r], [lat - r, lon], [lat, lon - r]]

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from pytorch_metric_learning import distances, losses, miners
 from pytorch_metric_learning.utils import loss_and_miner_utils as lmu
 
+from conftest import diamond, square
 from trainer.losses import (
     LOSSES,
     MINERS,
@@ -17,14 +18,6 @@ from trainer.losses import (
     build_miner,
 )
 from trainer.mining import footprint_overlap_matrix
-
-
-def square(lat: float, lon: float, half: float = 1.0) -> list[list[float]]:
-    return [[lat + half, lon - half], [lat + half, lon + half], [lat - half, lon + half], [lat - half, lon - half]]
-
-
-def diamond(lat: float, lon: float, r: float) -> list[list[float]]:
-    return [[lat + r, lon], [lat, lon + r], [lat - r, lon], [lat, lon - r]]
 
 
 # ----------------------------------------------------------------------------- factories

@@ -6,22 +6,13 @@ import math
 import pytest
 import torch
 
+from conftest import diamond, square
 from trainer.mining import (
     footprint_overlap_matrix,
     footprints_intersect,
     haversine_km,
     negative_pair_mask,
 )
-
-
-def square(lat: float, lon: float, half: float = 1.0) -> list[list[float]]:
-    """An axis-aligned [lat, lon] quad, corners in ring order."""
-    return [[lat + half, lon - half], [lat + half, lon + half], [lat - half, lon + half], [lat - half, lon - half]]
-
-
-def diamond(lat: float, lon: float, r: float) -> list[list[float]]:
-    """A square rotated by 45 degrees (as a rotated ISS footprint)."""
-    return [[lat + r, lon], [lat, lon + r], [lat - r, lon], [lat, lon - r]]
 
 
 def pairs(a, b) -> torch.Tensor:
