@@ -24,25 +24,34 @@ EARTH_RADIUS_KM = 6371.0088
 _CHUNK = 1 << 16
 
 
+def _unwrap(lon: Tensor) -> Tensor:
+    """Make each polygon's longitudes continuous around its own first corner."""
+    ref = lon[:, :1]
+    return ref + torch.remainder(lon - ref + 180.0, 360.0) - 180.0
+
+
 def equal_area_polygons(fp_a: Tensor, fp_b: Tensor) -> tuple[Tensor, Tensor]:
-    """Project two batches of [lat, lon] quads to (lon_rad, sin lat), unwrapped around fp_a.
+    """Project two batches of [lat, lon] quads to (lon_rad, sin lat) on one continuous plane.
 
-    Longitudes of both polygons are brought within 180 deg of fp_a's first corner, so a
-    pair that straddles the antimeridian is compared on one continuous plane. Corners are
-    then sorted by angle around their mean, so the SAT edges are right whatever the
-    input order (ring in either direction, or a "bow-tie" listing).
+    Each polygon is first unwrapped on its own (a quad across the antimeridian stays
+    small), then ``fp_b`` is shifted as a whole by the multiple of 360 deg that brings
+    its mean longitude nearest ``fp_a``'s: the comparison is symmetric and a polygon is
+    never torn apart. Corners are then sorted by angle around their mean, so the SAT
+    edges are right whatever the input order (ring in either direction, or a "bow-tie").
     """
-    ref = fp_a[:, :1, 1:2]  # [P, 1, 1]
+    lon_a = _unwrap(fp_a[..., 1])
+    lon_b = _unwrap(fp_b[..., 1])
+    gap = lon_b.mean(dim=1, keepdim=True) - lon_a.mean(dim=1, keepdim=True)
+    lon_b = lon_b - 360.0 * torch.round(gap / 360.0)
 
-    def project(fp: Tensor) -> Tensor:
-        lon = ref + torch.remainder(fp[..., 1:2] - ref + 180.0, 360.0) - 180.0
-        xy = torch.cat([torch.deg2rad(lon), torch.sin(torch.deg2rad(fp[..., 0:1]))], dim=-1)
+    def project(lat: Tensor, lon: Tensor) -> Tensor:
+        xy = torch.stack([torch.deg2rad(lon), torch.sin(torch.deg2rad(lat))], dim=-1)
         centre = xy.mean(dim=1, keepdim=True)
         angle = torch.atan2(xy[..., 1] - centre[..., 1], xy[..., 0] - centre[..., 0])
         order = angle.argsort(dim=1)
         return torch.gather(xy, 1, order.unsqueeze(-1).expand_as(xy))
 
-    return project(fp_a), project(fp_b)
+    return project(fp_a[..., 0], lon_a), project(fp_b[..., 0], lon_b)
 
 
 def _edge_normals(poly: Tensor) -> Tensor:

@@ -59,6 +59,35 @@ def test_antimeridian():
     assert not pairs(crossing, square(10, 0.0, 0.5)).item()
 
 
+def test_far_side_of_the_globe_never_overlaps_in_either_order():
+    crossing = [[11, 178.0], [11, -178.0], [9, -178.0], [9, 178.0]]
+    assert not pairs(square(10, 0, 0.5), crossing).item()
+    assert not pairs(crossing, square(10, 0, 0.5)).item()
+    from shard_tools.geometry import tile_footprint
+    west_edge, east_edge = tile_footprint("08_0100_0128"), tile_footprint("08_0100_0252")
+    assert not pairs(west_edge, east_edge).item() and not pairs(east_edge, west_edge).item()
+
+
+def test_matches_shapely_across_the_antimeridian_in_both_orders():
+    from shard_tools.geometry import iou_matrix
+
+    g = torch.Generator().manual_seed(1)
+    n = 300
+    lat = torch.rand(n, 1, generator=g, dtype=torch.float64) * 6 - 3
+    lon = torch.rand(n, 1, generator=g, dtype=torch.float64) * 4 + 178  # 178..182 -> wraps
+    half = torch.rand(n, 2, generator=g, dtype=torch.float64) * 1.5 + 0.2
+    quads = torch.stack([torch.cat([lat + half[:, :1], lon - half[:, 1:]], 1),
+                         torch.cat([lat + half[:, :1], lon + half[:, 1:]], 1),
+                         torch.cat([lat - half[:, :1], lon + half[:, 1:]], 1),
+                         torch.cat([lat - half[:, :1], lon - half[:, 1:]], 1)], 1)
+    quads[..., 1] = torch.remainder(quads[..., 1] + 180.0, 360.0) - 180.0  # wrap to [-180, 180)
+    a, b = quads[: n // 2], quads[n // 2:]
+    want = torch.from_numpy(iou_matrix(a.numpy(), b.numpy()).diagonal() > 0)
+    assert 10 < int(want.sum()) < n // 2 - 10
+    assert torch.equal(footprints_intersect(a, b), want)
+    assert torch.equal(footprints_intersect(b, a), want)
+
+
 def test_edges_are_straight_in_the_equal_area_plane():
     # Near the diamond's NE edge at 60 N: inside it if edges were straight in degrees,
     # outside it in (lon rad, sin lat), where the project's IoU is defined.
