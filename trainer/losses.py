@@ -199,9 +199,15 @@ class MetricLearningCriterion(nn.Module):
     ) -> tuple[Tensor, dict[str, float]]:
         descriptors = descriptors.float()
         labels = labels.to(descriptors.device)
-        tuples, removed = self.mine(descriptors, labels, footprints, is_query, positions)
+        with torch.no_grad():
+            mined = self.miner(descriptors, labels) if self.miner is not None else None
+        tuples, removed = self._filter(mined, labels, footprints, is_query, positions)
         loss = self.loss_fn(descriptors, labels, tuples)
-        return loss, self._stats(tuples, labels, descriptors.shape[0], removed)
+        stats = self._stats(tuples, labels, descriptors.shape[0], removed)
+        # batch accuracy measures the miner (how many anchors it found hard), so it is
+        # taken before the geometric filters, which would inflate it
+        stats["batch_acc"] = self._batch_acc(mined, descriptors.shape[0])
+        return loss, stats
 
     @torch.no_grad()
     def mine(
@@ -214,6 +220,10 @@ class MetricLearningCriterion(nn.Module):
     ) -> tuple[tuple[Tensor, ...] | None, int]:
         """Mined (and filtered) index tuples, or None for "all pairs"; plus negatives removed."""
         tuples = self.miner(descriptors, labels) if self.miner is not None else None
+        return self._filter(tuples, labels, footprints, is_query, positions)
+
+    def _filter(self, tuples, labels: Tensor, footprints, is_query, positions
+                ) -> tuple[tuple[Tensor, ...] | None, int]:
         if not self.filtering:
             return tuples, 0
         if tuples is None:
@@ -225,6 +235,8 @@ class MetricLearningCriterion(nn.Module):
         cfg = self.config
         if cfg.overlap_aware and footprints is None and positions is None:
             raise ValueError("overlap_aware mining needs footprints [B, 4, 2] or positions [B, 2]")
+        if cfg.query_aware and is_query is None:
+            raise ValueError("query_aware mining needs is_query [B] (which samples are mined queries)")
         anchors, negatives = _negatives(tuples)
         return negative_pair_mask(
             anchors, negatives,
@@ -242,10 +254,14 @@ class MetricLearningCriterion(nn.Module):
             pos, neg = int(tuples[0].numel()), int(tuples[2].numel())
         else:
             pos = neg = int(tuples[0].numel())
-        acc = 0.0
-        if self.miner is not None and batch:
-            acc = 1.0 - torch.unique(tuples[0]).numel() / batch
-        return {"batch_acc": acc, "mined_pos": pos, "mined_neg": neg, "removed_neg": removed}
+        return {"batch_acc": self._batch_acc(tuples, batch), "mined_pos": pos, "mined_neg": neg,
+                "removed_neg": removed}
+
+    def _batch_acc(self, tuples, batch: int) -> float:
+        """1 - unique mined anchors / batch size (GSV-Cities' "batch accuracy")."""
+        if self.miner is None or tuples is None or not batch:
+            return 0.0
+        return 1.0 - torch.unique(tuples[0]).numel() / batch
 
 
 def build_criterion(cfg: CriterionConfig | Mapping[str, Any] | None = None) -> MetricLearningCriterion:

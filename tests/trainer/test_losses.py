@@ -186,6 +186,25 @@ def test_overlap_aware_needs_geometry():
         crit(desc, labels)
 
 
+def test_query_aware_needs_is_query():
+    desc, labels = clustered_batch()
+    crit = MetricLearningCriterion({"loss": "ms", "query_aware": True})
+    with pytest.raises(ValueError, match="is_query"):
+        crit(desc, labels)
+
+
+def test_batch_accuracy_measures_the_miner_before_the_filters():
+    desc, labels = clustered_batch(places=4, per_place=4, noise=2.0, seed=3)
+    is_query = torch.ones(16, dtype=torch.bool)  # every negative involves a query: all removed
+    plain = MetricLearningCriterion({"loss": "TripletMarginLoss", "miner": "TripletMarginMiner"})
+    filtered = MetricLearningCriterion({"loss": "TripletMarginLoss", "miner": "TripletMarginMiner",
+                                        "query_aware": True})
+    _, base = plain(desc, labels)
+    _, stats = filtered(desc, labels, is_query=is_query)
+    assert stats["mined_neg"] == 0 and stats["removed_neg"] > 0
+    assert stats["batch_acc"] == base["batch_acc"] < 1.0
+
+
 def test_batch_accuracy():
     desc, labels = clustered_batch(places=4, per_place=4, noise=0.0)
     crit = MetricLearningCriterion(CriterionConfig())  # MS loss + MS miner
