@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.streamloc-installed
-EXTRAS ?= s3,demo,dev
+EXTRAS ?= cpu,s3,demo,dev
 DEMO_DIR ?= runs/demo
 PYTEST_ARGS ?=
 
@@ -51,8 +51,8 @@ system-deps:
 	@if command -v sbatch >/dev/null 2>&1 && [ -x /usr/sbin/munged ]; then :; \
 	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
 	  echo "installing slurm-wlm and munge (a real single-node SLURM for the tests)"; \
-	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
-	    slurm-wlm munge >/dev/null; \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+	    slurm-wlm munge >/dev/null) || echo "note: could not install SLURM; its tests will skip"; \
 	else echo "note: SLURM tests will skip (root and apt-get are needed to install slurm-wlm, munge)"; fi
 
 test: install system-deps

@@ -6,7 +6,7 @@ import logging
 import multiprocessing
 import os
 from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Mapping
 
 from tqdm.auto import tqdm
@@ -59,7 +59,12 @@ def slurm_task() -> tuple[int, int]:
     if tid is None or count is None:
         return 0, 1
     lo = int(os.environ.get("SLURM_ARRAY_TASK_MIN", "0"))
-    return int(tid) - lo, int(count)
+    index, count = int(tid) - lo, int(count)
+    if not 0 <= index < count or os.environ.get("SLURM_ARRAY_TASK_STEP", "1") != "1":
+        raise ValueError(f"SLURM_ARRAY_TASK_ID={tid} (min {lo}, count {count}) is not an index of "
+                         "a contiguous array: submit --array=0-N, or pass --task-index and "
+                         "--num-tasks")
+    return index, count
 
 
 def _normalise(url: str | None) -> str | None:
@@ -77,6 +82,10 @@ def build_plan(cfg: ConvertConfig) -> planning.Plan:
         raise ValueError("--queries and --query-pairs go together")
     scan = sources.scan(cfg.format, cfg.input, cfg.storage_options)
     rejects = list(scan.rejects)
+    if not scan.items:
+        why = (f"; all {len(rejects)} inputs were rejected, e.g. {rejects[0].path}: "
+               f"{rejects[0].reason}" if rejects else "")
+        raise ValueError(f"no {cfg.format} images found in {cfg.input}{why}")
     if cfg.kind == "images":
         samples = planning.plan_images(scan.items)
     else:
@@ -94,6 +103,10 @@ def build_plan(cfg: ConvertConfig) -> planning.Plan:
         rejects += plan_rejects
     if cfg.strict and rejects:
         raise StrictReject(f"{rejects[0].path}: {rejects[0].reason}")
+    if not samples:
+        raise ValueError(f"nothing to convert as {cfg.kind} from {cfg.input}: "
+                         f"{rejects[0].path}: {rejects[0].reason}" if rejects else
+                         f"nothing to convert as {cfg.kind} from {cfg.input}")
     size = cfg.shard_size or planning.DEFAULT_SHARD_SIZE[cfg.kind]
     shards = planning.split_shards(samples, size, cfg.kind)
     return planning.Plan(kind=cfg.kind, shards=shards, rejects=rejects)
@@ -125,6 +138,9 @@ def convert(cfg: ConvertConfig) -> ConvertResult:
         env_index, env_count = slurm_task()
         task_index = env_index if task_index is None else task_index
         num_tasks = env_count if num_tasks is None else num_tasks
+    cfg = replace(cfg, **{k: storage.normalize(getattr(cfg, k))
+                          for k in ("input", "output", "queries", "query_pairs")
+                          if getattr(cfg, k)})
     plan = build_plan(cfg)
     write_plan(cfg.output, plan.summary(), plan_args(cfg), cfg.storage_options)
 

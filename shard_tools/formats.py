@@ -246,9 +246,12 @@ def format_vpr_name(record: Mapping[str, Any]) -> str:
     """The VPR file name (no folder) of a record, in the benchmark's fixed widths."""
     east, north, zone, band = record["utm"]
     heading = record.get("heading_deg")
-    fields = [f"{east:09.2f}", f"{north:010.2f}", f"{int(zone):02d}", str(band),
-              f"{record['lat']:010.5f}" if record["lat"] >= 0 else f"{record['lat']:.5f}",
-              f"{record['lon']:010.5f}" if record["lon"] >= 0 else f"{record['lon']:.5f}",
+    def fixed(value: float, spec: str) -> str:  # the benchmarks' widths, unless digits would be lost
+        text = format(value, spec)
+        return text if float(text) == float(value) else _fmt_num(value)
+
+    fields = [fixed(east, "010.2f"), fixed(north, "010.2f"), f"{int(zone):02d}", str(band),
+              fixed(record["lat"], "09.5f"), fixed(record["lon"], "09.5f"),
               record.get("image_id") or "", "", "" if heading is None else _fmt_num(heading),
               "", "", "", record.get("timestamp") or "", ""]
     return "@" + "@".join(fields) + "@.jpg"

@@ -71,6 +71,7 @@ class MergeResult:
 def merge_manifest(out_url: str, storage_options: Mapping[str, Any] | None = None
                    ) -> MergeResult:
     """Merge per-shard stats into ``manifest.json`` and ``rejects.jsonl`` once all exist."""
+    out_url = storage.dataset_root(out_url)
     plan = read_plan(out_url, storage_options)
     done = completed_shards(out_url, storage_options)
     missing = [s["name"] for s in plan["shards"] if s["name"] not in done]
@@ -100,7 +101,7 @@ def merge_manifest(out_url: str, storage_options: Mapping[str, Any] | None = Non
 
 def load_manifest(url: str, storage_options: Mapping[str, Any] | None = None) -> dict:
     """The manifest of a shard set (``url`` is the set's folder or the manifest itself)."""
-    murl = url if url.endswith(".json") else storage.join(url, MANIFEST)
+    murl = storage.join(storage.dataset_root(url), MANIFEST)
     if not storage.exists(murl, storage_options):
         raise FileNotFoundError(f"no manifest at {murl} (incomplete conversion? run "
                                 "`python -m shard_tools manifest DST`)")

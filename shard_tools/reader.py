@@ -31,8 +31,8 @@ class ShardInfo:
 def list_shards(dataset: str, storage_options: Mapping[str, Any] | None = None
                 ) -> list[ShardInfo]:
     """Shards of a shard set, in manifest order, as full URLs."""
-    manifest = load_manifest(dataset, storage_options)
-    root = dataset[: -len("/manifest.json")] if dataset.endswith("manifest.json") else dataset
+    root = storage.dataset_root(dataset)
+    manifest = load_manifest(root, storage_options)
     return [ShardInfo(storage.join(root, s["name"]), s["samples"], s["images"], s["bytes"],
                       s["sha256"]) for s in manifest["shards"]]
 
@@ -117,7 +117,7 @@ def member_images(sample: Mapping[str, Any]) -> tuple[list[bytes], list[bytes]]:
 def webdataset_urls(dataset: str | Iterable[str],
                     storage_options: Mapping[str, Any] | None = None) -> list[str]:
     """Shard URLs for ``webdataset.WebDataset``, with the s3 opener registered."""
-    storage.register_webdataset_schemes()
+    storage.register_webdataset_schemes(storage_options)
     if isinstance(dataset, str):
         return [s.url for s in list_shards(dataset, storage_options)]
     return list(dataset)

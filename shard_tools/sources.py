@@ -113,6 +113,7 @@ def scan_gsv_cities(src: str, storage_options: Mapping[str, Any] | None = None) 
 def scan_csv(src: str, storage_options: Mapping[str, Any] | None = None) -> Scan:
     """A table with ``path, lat, lon, place_id`` (+ optional columns); paths are
     relative to the table's folder unless absolute or URLs."""
+    src = storage.normalize(src)
     if not src.endswith(".csv"):
         raise ValueError(f"--format csv needs a .csv table as --input, got {src}")
     root = src.rsplit("/", 1)[0] if storage.is_remote(src) else os.path.dirname(

@@ -25,6 +25,17 @@ def is_remote(url: str) -> bool:
     return "://" in url and not url.startswith("file://")
 
 
+def normalize(url: str) -> str:
+    """``file:///x`` -> ``/x``: local paths go through ``os``, everything else through fsspec."""
+    return url[len("file://"):] if url.startswith("file://") else url
+
+
+def dataset_root(url: str) -> str:
+    """The folder of a shard set given as its folder or its ``manifest.json``."""
+    url = normalize(url).rstrip("/")
+    return url[: -len("/manifest.json")] if url.endswith("/manifest.json") else url
+
+
 def _with_env_endpoint(protocol: str, options: Mapping[str, Any] | None) -> dict:
     opts = dict(options or {})
     if protocol in ("s3", "s3a"):
@@ -89,6 +100,7 @@ def list_inputs(src: str, storage_options: Mapping[str, Any] | None = None,
     lines and ``#`` comments are ignored); only names are needed, so listed
     files need not exist.
     """
+    src = normalize(src)
     fs, path = filesystem(src, storage_options)
     if src.endswith(".txt"):
         if not fs.exists(path):
@@ -188,20 +200,26 @@ def iter_lines(url: str, storage_options: Mapping[str, Any] | None = None) -> It
         yield from f
 
 
-def _gopen_fsspec(url: str, mode: str = "rb", bufsize: int = 8192, **kw):
-    fs, path = filesystem(url)
+def _gopen_fsspec(url: str, mode: str = "rb", bufsize: int = 8192,
+                  storage_options: Mapping[str, Any] | None = None, **kw):
+    fs, path = filesystem(url, storage_options)
     return fs.open(path, mode, block_size=max(bufsize, 1 << 22))
 
 
-def register_webdataset_schemes(schemes: tuple[str, ...] = ("s3", "s3a")) -> None:
+def register_webdataset_schemes(storage_options: Mapping[str, Any] | None = None,
+                                schemes: tuple[str, ...] = ("s3", "s3a")) -> None:
     """Let ``webdataset.WebDataset("s3://...")`` stream through s3fs (no ``pipe:``).
 
-    Idempotent; the handler reads the endpoint from the environment in each
-    worker process, so it also works in DataLoader workers.
+    Idempotent. Without ``storage_options`` the endpoint and credentials come
+    from the environment of whichever process opens the shard. Registration
+    lives in the process that calls it: DataLoader workers started with
+    ``spawn`` must call it again (e.g. in ``worker_init_fn``).
     """
+    import functools
     import importlib
 
     gopen = importlib.import_module("webdataset.gopen")  # the package re-exports a function of the same name
 
     for scheme in schemes:
-        gopen.gopen_schemes[scheme] = _gopen_fsspec
+        gopen.gopen_schemes[scheme] = functools.partial(
+            _gopen_fsspec, storage_options=dict(storage_options or {}))

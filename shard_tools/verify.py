@@ -101,6 +101,7 @@ def verify(dataset: str, quick: bool = False,
            storage_options: Mapping[str, Any] | None = None, progress: bool = True
            ) -> tuple[dict, list[str]]:
     """(manifest, problems) of a shard set."""
+    dataset = storage.dataset_root(dataset)
     manifest = load_manifest(dataset, storage_options)
     problems: list[str] = []
     with tqdm(total=manifest["totals"]["images"], unit="img", unit_scale=True,

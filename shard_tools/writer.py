@@ -119,6 +119,9 @@ def _sample_members(sample: Sample, opts: WriteOptions,
             out.append(rec)
             members.append((f"{sample.key}.{ext}{i}.jpg", data))
     if not images:
+        for item in sample.queries:  # loaded fine, but there is no place left to hold them
+            if any(rec["source"] == item.record["source"] for rec in queries):
+                reject(item, "its place has no readable database image")
         return None
     place = {"key": sample.key, "place_id": sample.place_id, "images": images,
              "queries": queries}

@@ -199,10 +199,11 @@ def test_vpr_images_keep_kind_from_folder(tmp_path):
     assert convert("--format", "vpr", "--kind", "images", "--input", root, "--output", out) == 0
     kinds = sorted(json.loads(s["json"])["kind"] for s in iter_dataset(str(out)))
     assert kinds == ["database"] * 4 + ["query"] * 2
-    # vpr has no place ids: a places conversion keeps nothing and says why
-    out2 = tmp_path / "places"
-    assert convert("--format", "vpr", "--kind", "places", "--input", root, "--output", out2) == 0
-    assert len(rejects(out2)) == 6 and "no place id" in rejects(out2)[0]["reason"]
+    # vpr has no place ids: a places conversion has nothing to pack, and says why
+    proc = subprocess.run([PYTHON, "-m", "shard_tools", "convert", "--format", "vpr", "--kind",
+                           "places", "--input", str(root), "--output", str(tmp_path / "places")],
+                          capture_output=True, text=True, env=run_env(), cwd=REPO)
+    assert proc.returncode == 2 and "no place id" in proc.stderr.strip().splitlines()[-1]
 
 
 def test_csv_table_with_a_missing_image_and_a_bad_row(tmp_path):
@@ -269,6 +270,59 @@ def test_bad_arguments_give_one_line_errors(earthloc, tmp_path):
                           capture_output=True, text=True, env=run_env(), cwd=REPO)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith("error: input not found")
+
+
+def test_empty_or_wrong_format_input_is_an_error(earthloc, tmp_path):
+    root, _ = earthloc
+    (tmp_path / "empty").mkdir()
+    assert convert("--format", "earthloc", "--kind", "images", "--input", tmp_path / "empty",
+                   "--output", tmp_path / "o1") == 2
+    proc = subprocess.run([PYTHON, "-m", "shard_tools", "convert", "--format", "vpr", "--kind",
+                           "images", "--input", str(root), "--output", str(tmp_path / "o2")],
+                          capture_output=True, text=True, env=run_env(), cwd=REPO)
+    last = proc.stderr.strip().splitlines()[-1]
+    assert proc.returncode == 2 and "no vpr images found" in last and "all 24" in last
+    assert not (tmp_path / "o2" / "manifest.json").exists()
+
+
+def test_file_urls_and_manifest_paths_work_like_folders(earthloc, tmp_path):
+    root, names = earthloc
+    out = tmp_path / "out"
+    assert convert("--format", "earthloc", "--kind", "images", "--input", f"file://{root}",
+                   "--output", f"file://{out}", "--shard-size", 10) == 0
+    assert manifest(out)["totals"]["images"] == len(names)
+    assert main(["verify", str(out / "manifest.json"), "--no-progress"]) == 0
+    assert main(["verify", f"file://{out}", "--no-progress"]) == 0
+    assert len(list_shards(f"file://{out}/manifest.json")) == 3
+
+
+def test_sparse_slurm_array_is_a_clear_error(earthloc, tmp_path, monkeypatch):
+    root, _ = earthloc
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "4")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_COUNT", "3")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_MIN", "0")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_STEP", "2")
+    with pytest.raises(ValueError, match="contiguous array"):
+        from shard_tools.convert import slurm_task
+        slurm_task()
+
+
+def test_queries_of_a_place_without_database_images_are_rejected_not_lost(earthloc, tmp_path):
+    root, names = earthloc
+    qroot = tmp_path / "queries"
+    qname = earthloc_query_name(TEST_TILES[0], 0)
+    write_jpegs(qroot, [qname])
+    for n in names:
+        if TEST_TILES[0] in n:
+            (root / n).write_bytes(b"broken")
+    (tmp_path / "pairs.json").write_text(json.dumps(
+        {next(n for n in names if TEST_TILES[0] in n): [qname]}))
+    out = tmp_path / "places"
+    assert convert("--format", "earthloc", "--kind", "places", "--input", root, "--output", out,
+                   "--queries", qroot, "--query-pairs", tmp_path / "pairs.json") == 0
+    rej = {r["path"]: r["reason"] for r in rejects(out)}
+    assert "no readable database image" in rej[qname]
+    assert len(rej) == 3 and manifest(out)["totals"]["samples"] == len(TEST_TILES) - 1
 
 
 def test_truncated_shard_is_reported_by_verify_and_skipped_by_the_reader(earthloc, tmp_path):

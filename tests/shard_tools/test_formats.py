@@ -93,6 +93,7 @@ def test_every_real_sf_xs_name_parses(shared_data, split):
         assert 37 < rec["lat"] < 38.5 and -123 < rec["lon"] < -122
         again = parse_vpr_name(format_vpr_name(rec), kind=kind)
         assert _without_source(again) == _without_source(rec), name
+        assert format_vpr_name(rec) == name.rsplit("/", 1)[-1]  # the benchmark's own widths
 
 
 @pytest.mark.parametrize("name, field", [
@@ -118,6 +119,12 @@ def test_malformed_earthloc_names_name_the_field(name, field):
 def test_malformed_vpr_names_name_the_field(name, field):
     with pytest.raises(ValueError, match=f"field '{field}'"):
         parse_vpr_name(name)
+
+
+def test_vpr_round_trip_keeps_extra_precision():
+    name = "@0550758.425@4179252.39@10@S@37.774929512@-122.42375@pano@@300@@@@201405@@.jpg"
+    rec = parse_vpr_name(name)
+    assert _without_source(parse_vpr_name(format_vpr_name(rec))) == _without_source(rec)
 
 
 def test_gsv_cities_name_and_row_agree_and_panoid_may_hold_underscores():

@@ -106,3 +106,11 @@ def test_convert_from_s3_input_with_storage_options(s3_env, s3_server, tmp_path,
     m = json.loads((out / "manifest.json").read_text())
     assert m["totals"]["samples"] == 4 and m["totals"]["images"] == len(names)
     assert main(["verify", str(out), "--no-progress"]) == 0
+
+    # shards on S3 streamed by webdataset with the endpoint from the options only
+    dst = "s3://streamloc-test/opts-only"
+    assert main(["convert", "--format", "earthloc", "--kind", "images", "--input", str(root),
+                 "--output", dst, "--storage-options", opts, "--no-progress"]) == 0
+    urls = webdataset_urls(dst, json.loads(opts))
+    got = [json.loads(s["json"])["source"] for s in wds.WebDataset(urls, shardshuffle=False)]
+    assert sorted(got) == sorted(names)
