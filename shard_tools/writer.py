@@ -12,7 +12,9 @@ import hashlib
 import json
 import logging
 import os
+import queue
 import tarfile
+import threading
 import tempfile
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
@@ -40,15 +42,39 @@ class WriteOptions:
     storage_options: Mapping[str, Any] | None = None
 
 
+class _Sha256Thread:
+    """sha256 on a second thread: hashlib releases the GIL on large buffers, so
+    hashing overlaps reading and writing instead of adding to them."""
+
+    def __init__(self):
+        self._hash = hashlib.sha256()
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="sha256", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while (chunk := self._queue.get()) is not None:
+            self._hash.update(chunk)
+
+    def update(self, chunk: bytes) -> None:
+        self._queue.put(chunk)
+
+    def hexdigest(self) -> str:
+        self._queue.put(None)
+        self._thread.join()
+        return self._hash.hexdigest()
+
+
 class _TarWriter:
     """A minimal deterministic ustar writer that hashes and counts its bytes.
 
     One ``write`` per member (header + data + padding) instead of tarfile's
-    16 KiB copy loop: copy mode must keep up with ``tar``.
+    16 KiB copy loop, and hashing off the main thread: copy mode must keep up
+    with ``tar``.
     """
 
     def __init__(self, raw):
-        self.raw, self.sha256, self.size = raw, hashlib.sha256(), 0
+        self.raw, self.sha256, self.size = raw, _Sha256Thread(), 0
 
     def _write(self, b: bytes) -> None:
         self.sha256.update(b)
@@ -61,12 +87,15 @@ class _TarWriter:
         info.uid = info.gid = 0
         info.uname = info.gname = ""
         pad = -len(data) % tarfile.BLOCKSIZE
-        self._write(info.tobuf(tarfile.USTAR_FORMAT, "utf-8", "strict") + data + b"\0" * pad)
+        self._write(info.tobuf(tarfile.USTAR_FORMAT, "utf-8", "strict"))
+        self._write(data)
+        if pad:
+            self._write(bytes(pad))
 
     def close(self) -> None:
         """End-of-archive blocks, padded to a whole record as tar does."""
         end = self.size + 2 * tarfile.BLOCKSIZE
-        self._write(b"\0" * (2 * tarfile.BLOCKSIZE + (-end % tarfile.RECORDSIZE)))
+        self._write(bytes(2 * tarfile.BLOCKSIZE + (-end % tarfile.RECORDSIZE)))
 
 
 def _json_bytes(obj: Any) -> bytes:
