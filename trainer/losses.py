@@ -203,11 +203,7 @@ class MetricLearningCriterion(nn.Module):
             mined = self.miner(descriptors, labels) if self.miner is not None else None
         tuples, removed = self._filter(mined, labels, footprints, is_query, positions)
         loss = self.loss_fn(descriptors, labels, tuples)
-        stats = self._stats(tuples, labels, descriptors.shape[0], removed)
-        # batch accuracy measures the miner (how many anchors it found hard), so it is
-        # taken before the geometric filters, which would inflate it
-        stats["batch_acc"] = self._batch_acc(mined, descriptors.shape[0])
-        return loss, stats
+        return loss, self._stats(mined, tuples, labels, descriptors.shape[0], removed)
 
     @torch.no_grad()
     def mine(
@@ -246,7 +242,9 @@ class MetricLearningCriterion(nn.Module):
             is_query=is_query if cfg.query_aware else None,
         )
 
-    def _stats(self, tuples, labels: Tensor, batch: int, removed: int) -> dict[str, float]:
+    def _stats(self, mined, tuples, labels: Tensor, batch: int, removed: int) -> dict[str, float]:
+        """Counts of what reaches the loss; batch accuracy from the miner's own output,
+        since the geometric filters would inflate it."""
         if tuples is None:  # pml used every pair
             same = int((labels.unsqueeze(0) == labels.unsqueeze(1)).sum())
             pos, neg = same - batch, batch * batch - same
@@ -254,7 +252,7 @@ class MetricLearningCriterion(nn.Module):
             pos, neg = int(tuples[0].numel()), int(tuples[2].numel())
         else:
             pos = neg = int(tuples[0].numel())
-        return {"batch_acc": self._batch_acc(tuples, batch), "mined_pos": pos, "mined_neg": neg,
+        return {"batch_acc": self._batch_acc(mined, batch), "mined_pos": pos, "mined_neg": neg,
                 "removed_neg": removed}
 
     def _batch_acc(self, tuples, batch: int) -> float:
