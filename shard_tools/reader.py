@@ -7,7 +7,6 @@ error instead of killing the reader.
 """
 from __future__ import annotations
 
-import json
 import logging
 import tarfile
 from dataclasses import dataclass
@@ -99,10 +98,6 @@ def iter_dataset(dataset: str, storage_options: Mapping[str, Any] | None = None,
                  errors: ReadErrors | None = None) -> Iterator[dict]:
     for shard in list_shards(dataset, storage_options):
         yield from iter_samples(shard.url, storage_options, errors)
-
-
-def decode_json(sample: Mapping[str, Any], ext: str = "json") -> dict:
-    return json.loads(sample[ext])
 
 
 def member_images(sample: Mapping[str, Any]) -> tuple[list[bytes], list[bytes]]:

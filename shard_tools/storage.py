@@ -12,7 +12,7 @@ import os
 import posixpath
 import tempfile
 from dataclasses import dataclass
-from typing import Any, Iterator, Mapping
+from typing import Any, Mapping
 
 import fsspec
 
@@ -86,10 +86,6 @@ class InputList:
     def url(self, name: str) -> str:
         return join(self.root, name)
 
-    def read(self, name: str) -> bytes:
-        fs, path = filesystem(self.url(name), self.storage_options)
-        with fs.open(path, "rb") as f:
-            return f.read()
 
 
 def list_inputs(src: str, storage_options: Mapping[str, Any] | None = None,
@@ -192,12 +188,6 @@ def put_file_atomic(local_path: str, url: str,
 def open_read(url: str, storage_options: Mapping[str, Any] | None = None):
     fs, path = filesystem(url, storage_options)
     return fs.open(path, "rb")
-
-
-def iter_lines(url: str, storage_options: Mapping[str, Any] | None = None) -> Iterator[str]:
-    fs, path = filesystem(url, storage_options)
-    with fs.open(path, "rt") as f:
-        yield from f
 
 
 def _gopen_fsspec(url: str, mode: str = "rb", bufsize: int = 8192,

@@ -199,8 +199,7 @@ class MetricLearningCriterion(nn.Module):
     ) -> tuple[Tensor, dict[str, float]]:
         descriptors = descriptors.float()
         labels = labels.to(descriptors.device)
-        with torch.no_grad():
-            mined = self.miner(descriptors, labels) if self.miner is not None else None
+        mined = self._run_miner(descriptors, labels)
         tuples, removed = self._filter(mined, labels, footprints, is_query, positions)
         loss = self.loss_fn(descriptors, labels, tuples)
         return loss, self._stats(mined, tuples, labels, descriptors.shape[0], removed)
@@ -215,8 +214,12 @@ class MetricLearningCriterion(nn.Module):
         positions: Tensor | None = None,
     ) -> tuple[tuple[Tensor, ...] | None, int]:
         """Mined (and filtered) index tuples, or None for "all pairs"; plus negatives removed."""
-        tuples = self.miner(descriptors, labels) if self.miner is not None else None
-        return self._filter(tuples, labels, footprints, is_query, positions)
+        return self._filter(self._run_miner(descriptors, labels), labels, footprints, is_query,
+                            positions)
+
+    @torch.no_grad()
+    def _run_miner(self, descriptors: Tensor, labels: Tensor) -> tuple[Tensor, ...] | None:
+        return self.miner(descriptors, labels) if self.miner is not None else None
 
     def _filter(self, tuples, labels: Tensor, footprints, is_query, positions
                 ) -> tuple[tuple[Tensor, ...] | None, int]:

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import logging
-import os
 
 from .. import storage
 from ..convert import ConvertConfig, convert

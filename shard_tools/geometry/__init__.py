@@ -4,7 +4,7 @@ from .distances import (  # noqa: F401
     utm_distance_m,
 )
 from .footprints import (  # noqa: F401
-    crosses_antimeridian, equal_area_xy, footprint_area_km2, footprint_centroids,
+    crosses_antimeridian, equal_area_xy, footprint_area_km2,
     footprint_polygons, footprints_from_records, polygons_from_xy, rectangles_to_footprints,
     unwrap_footprints, xy_area,
 )

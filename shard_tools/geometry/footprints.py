@@ -97,17 +97,3 @@ def xy_area(xy: np.ndarray) -> np.ndarray:
 def footprint_area_km2(footprints: np.ndarray, radius_km: float = EARTH_RADIUS_KM) -> np.ndarray:
     """Area on the sphere (equal-area projection, edges straight in it), in km^2."""
     return xy_area(equal_area_xy(footprints)) * radius_km ** 2
-
-
-def footprint_centroids(footprints: np.ndarray) -> np.ndarray:
-    """[N, 2] (lat, lon) area centroids in lat/lon degrees, as ``formats`` computes them."""
-    fp = unwrap_footprints(footprints)
-    lat, lon = fp[..., 0], fp[..., 1]
-    lat1, lon1 = np.roll(lat, -1, axis=1), np.roll(lon, -1, axis=1)
-    cross = lon * lat1 - lon1 * lat
-    a2 = cross.sum(axis=1)
-    ok = np.abs(a2) > 1e-12
-    safe = np.where(ok, a2, 1.0)
-    clat = np.where(ok, ((lat + lat1) * cross).sum(1) / (3.0 * safe), lat.mean(1))
-    clon = np.where(ok, ((lon + lon1) * cross).sum(1) / (3.0 * safe), lon.mean(1))
-    return np.stack([clat, (clon + 180.0) % 360.0 - 180.0], axis=1)

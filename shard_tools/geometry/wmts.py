@@ -105,13 +105,8 @@ def parse_tile_ids(image_ids) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 def tiles_bounds(zoom, row, col, size: int = MOSAIC) -> np.ndarray:
     """[N, 4] (lat_min, lon_min, lat_max, lon_max) of mosaics given as int arrays."""
     zoom, row, col = np.broadcast_arrays(*(np.asarray(a, np.int64) for a in (zoom, row, col)))
-    n = 2.0 ** zoom
-
-    def lat(r):
-        return np.degrees(np.arctan(np.sinh(np.pi * (1.0 - 2.0 * r / n))))
-
-    return np.stack([lat(row + size), col / n * 360.0 - 180.0,
-                     lat(row), (col + size) / n * 360.0 - 180.0], axis=-1).reshape(-1, 4)
+    return np.stack([row_to_lat(row + size, zoom), col_to_lon(col, zoom),
+                     row_to_lat(row, zoom), col_to_lon(col + size, zoom)], axis=-1).reshape(-1, 4)
 
 
 def tile_grid(zooms=(9, 10, 11), lat_min: float = -60.0, lat_max: float = 60.0,

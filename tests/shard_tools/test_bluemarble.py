@@ -379,7 +379,7 @@ def test_killed_build_resumes(tiny, tmp_path):
 
 
 def test_converter_scan_accepts_the_output(tiny):
-    sources = pytest.importorskip("shard_tools.sources")
+    from shard_tools import sources
     config, result, _ = tiny
     root = Path(config.output)
     db = sources.scan_earthloc(str(root / "database"))

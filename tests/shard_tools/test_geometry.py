@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import shapely
 
-from shard_tools.formats import footprint_centroid, parse_earthloc_name
+from shard_tools.formats import parse_earthloc_name
 from shard_tools.geometry import (
     EARTH_RADIUS_KM, FootprintSet, candidate_pairs, crosses_antimeridian, footprint_area_km2,
-    footprint_centroids, footprint_polygons, haversine_km, haversine_matrix_km, intersects_matrix,
+    footprint_polygons, haversine_km, haversine_matrix_km, intersects_matrix,
     iou_matrix, iou_pairs, km_to_chord, latlon_to_unit, pair_iou, parse_tile_ids,
     rectangles_to_footprints, tile_area_km2, tile_bounds, tile_footprint, tile_grid,
     tile_id_at, tile_id_from_bounds, tiles_bounds, unwrap_footprints, utm_distance_m,
@@ -136,16 +136,13 @@ def test_tile_grid_covers_the_band():
 
 # ---------------------------------------------------------------- footprints
 
-def test_centroids_match_formats_and_unwrap_is_canonical():
+def test_unwrap_is_canonical():
     rng = np.random.default_rng(2)
     fps = []
     for lat, lon in zip(rng.uniform(-60, 60, 30), rng.uniform(-180, 180, 30)):
         fps.append([[lat, lon], [lat + 1, lon + 0.2], [lat + 1.3, lon + 1.5], [lat + 0.1, lon + 1]])
     fps = np.array(fps)
     fps[..., 1] = (fps[..., 1] + 180) % 360 - 180
-    got = footprint_centroids(fps)
-    want = np.array([footprint_centroid(f) for f in fps])
-    np.testing.assert_allclose(got, want, atol=1e-9)
     un = unwrap_footprints(fps)
     assert np.all(np.ptp(un[..., 1], axis=1) < 3)      # no 360-degree jumps
     mean = un[..., 1].mean(axis=1)

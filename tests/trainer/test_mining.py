@@ -106,7 +106,6 @@ def test_non_finite_footprints_never_overlap():
 
 
 def test_matches_shapely_on_random_quads():
-    shapely = pytest.importorskip("shapely")
     from shapely.geometry import Polygon
 
     g = torch.Generator().manual_seed(0)
