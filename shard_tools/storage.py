@@ -59,7 +59,7 @@ def join(url: str, *parts: str) -> str:
     """Join path parts onto a URL or local path (always with '/')."""
     if is_remote(url):
         return posixpath.join(url.rstrip("/"), *parts)
-    return os.path.join(url, *parts)
+    return os.path.join(normalize(url), *parts)
 
 
 def parse_storage_options(text: str | None) -> dict:
@@ -127,7 +127,7 @@ def exists(url: str, storage_options: Mapping[str, Any] | None = None) -> bool:
 
 def read_bytes(url: str, storage_options: Mapping[str, Any] | None = None) -> bytes:
     if not is_remote(url):  # the per-image hot path: skip fsspec's URL parsing
-        with open(url[7:] if url.startswith("file://") else url, "rb") as f:
+        with open(normalize(url), "rb") as f:
             return f.read()
     fs, path = filesystem(url, storage_options)
     with fs.open(path, "rb") as f:
@@ -140,7 +140,7 @@ def read_json(url: str, storage_options: Mapping[str, Any] | None = None) -> Any
 
 def makedirs(url: str, storage_options: Mapping[str, Any] | None = None) -> None:
     if not is_remote(url):
-        os.makedirs(url, exist_ok=True)
+        os.makedirs(normalize(url), exist_ok=True)
 
 
 def write_bytes_atomic(url: str, data: bytes,
@@ -154,6 +154,7 @@ def write_bytes_atomic(url: str, data: bytes,
         fs, path = filesystem(url, storage_options)
         fs.pipe_file(path, data)
         return
+    url = normalize(url)
     folder = os.path.dirname(os.path.abspath(url))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(url))
@@ -182,7 +183,7 @@ def put_file_atomic(local_path: str, url: str,
         fs.put_file(local_path, path)
         os.unlink(local_path)
     else:
-        os.replace(local_path, url)
+        os.replace(local_path, normalize(url))
 
 
 def open_read(url: str, storage_options: Mapping[str, Any] | None = None):

@@ -294,6 +294,11 @@ def test_file_urls_and_manifest_paths_work_like_folders(earthloc, tmp_path):
     assert main(["verify", str(out / "manifest.json"), "--no-progress"]) == 0
     assert main(["verify", f"file://{out}", "--no-progress"]) == 0
     assert len(list_shards(f"file://{out}/manifest.json")) == 3
+    # the storage layer itself treats file:// as a local path (any command's --output)
+    from shard_tools import storage
+    storage.write_bytes_atomic(f"file://{tmp_path}/deep/x.json", b"{}")
+    assert (tmp_path / "deep" / "x.json").read_bytes() == b"{}"
+    assert storage.read_bytes(f"file://{tmp_path}/deep/x.json") == b"{}"
 
 
 def test_sparse_slurm_array_is_a_clear_error(earthloc, tmp_path, monkeypatch):
