@@ -1,0 +1,70 @@
+"""Who am I in a distributed job: torch.distributed ranks and SLURM array tasks.
+
+The core functions take ``rank``/``world_size`` explicitly (launcher-agnostic,
+as in open_clip); these helpers read them from an initialised process group,
+from ``accelerate launch``'s environment, and from SLURM array variables.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from typing import Sequence, TypeVar
+
+import torch.distributed as dist
+
+from shard_tools.convert import slurm_task
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+def rank_and_world() -> tuple[int, int]:
+    """(rank, world size) of the initialised process group, else of the launcher's env."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def init_process_group_from_env() -> tuple[int, int]:
+    """Join the process group that ``accelerate launch``/``torchrun`` set up (no-op alone).
+
+    Uses accelerate's ``PartialState`` so the backend matches the machine (NCCL on
+    GPUs, gloo on CPUs with ``ACCELERATE_USE_CPU=1``).
+    """
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1 and not (dist.is_available()
+                                                          and dist.is_initialized()):
+        from accelerate import PartialState
+
+        PartialState()
+    return rank_and_world()
+
+
+def barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def array_task(task_index: int | None = None, num_tasks: int | None = None) -> tuple[int, int]:
+    """(task index, task count) from arguments, else from a SLURM array (as in
+    ``shard_tools convert``), else (0, 1)."""
+    if (task_index is None) != (num_tasks is None):
+        raise ValueError("--task-index and --num-tasks go together")
+    if task_index is None:
+        task_index, num_tasks = slurm_task()
+    if num_tasks < 1 or not 0 <= task_index < num_tasks:
+        raise ValueError(f"task index {task_index} is not in [0, {num_tasks})")
+    return task_index, num_tasks
+
+
+def worker_part(rank: int = 0, world_size: int = 1, task_index: int = 0,
+                num_tasks: int = 1) -> tuple[int, int]:
+    """(part, parts): each (array task, rank) pair is one disjoint part of the work."""
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is not in [0, {world_size})")
+    return task_index * world_size + rank, num_tasks * world_size
+
+
+def take_part(items: Sequence[T], part: int, parts: int) -> list[T]:
+    """Every ``parts``-th item starting at ``part``: balanced, disjoint, covering."""
+    return list(items[part::parts])

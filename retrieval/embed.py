@@ -1,0 +1,462 @@
+"""Embedding image shards: one ``.npy`` + ``.jsonl`` per shard, resumable, split across ranks.
+
+Layout of an embeddings folder ``EMB/``::
+
+    EMB/params.json          what is being embedded (model, rotations, dtype, shards);
+                             written first, identical for every rank and array task
+    EMB/<shard>.jsonl        the metadata record of each row, plus "rotation" and "image"
+    EMB/<shard>.npy          L2-normalised rows, one per image and rotation (image-major);
+                             written last (atomically): its presence marks the shard done
+    EMB/embeddings.json      model, dim, dtype, rotations, shards in order, rows per shard
+
+Global row ids are the row order over ``shards``. A killed run re-run with the
+same arguments skips complete shards. Each (array task, rank) takes every
+``parts``-th shard, so ranks never write the same file.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Any, Iterable, Iterator, Mapping, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from shard_tools import storage
+from shard_tools.jpeg import CorruptImage
+from shard_tools.reader import ReadErrors, iter_samples, list_shards
+
+from .distributed import take_part
+from .images import check_rotations, load_views
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+PARAMS = "params.json"
+META = "embeddings.json"
+DTYPES = ("float32", "float16")
+
+
+def shard_name(url: str) -> str:
+    """``.../images-000003.tar`` -> ``images-000003`` (the stem of the embedding files)."""
+    base = url.rstrip("/").rsplit("/", 1)[-1]
+    return base[: -len(".tar")] if base.endswith(".tar") else base
+
+
+def resolve_shards(source: str | Sequence[str],
+                   storage_options: Mapping[str, Any] | None = None) -> list[str]:
+    """Shard URLs of a shard set (folder/URL with ``manifest.json``) or an explicit list."""
+    if isinstance(source, str):
+        return [s.url for s in list_shards(source, storage_options)]
+    urls = [str(u) for u in source]
+    names = [shard_name(u) for u in urls]
+    if len(set(names)) != len(names):
+        raise ValueError("two shards have the same file name; their embeddings would collide")
+    return urls
+
+
+# ---------------------------------------------------------------- encoding
+
+@dataclass
+class EmbedStats:
+    """What one call did: shards written/skipped, images embedded, bad samples skipped."""
+
+    shards_written: int = 0
+    shards_skipped: int = 0
+    images: int = 0
+    rows: int = 0
+    bad_samples: int = 0
+    read_errors: int = 0
+    complete: bool = False
+    written: list[str] = field(default_factory=list)
+
+
+def _device_of(encoder: nn.Module) -> torch.device:
+    for p in encoder.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+@torch.inference_mode()
+def encode_batch(encoder: nn.Module, images: torch.Tensor) -> np.ndarray:
+    """float32 ``[B, D]`` descriptors, renormalised (bf16 autocast on CUDA)."""
+    device = _device_of(encoder)
+    x = images.to(device, non_blocking=True)
+    if device.type == "cuda":
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = encoder(x)
+    else:
+        out = encoder(x)
+    out = torch.nn.functional.normalize(out.float(), dim=-1)
+    return out.cpu().numpy()
+
+
+def _decode(args: tuple[dict, tuple[int, int], tuple[int, ...]]):
+    sample, size_hw, rotations = args
+    data = sample.get("jpg") or sample.get("jpeg")
+    if data is None:
+        return sample, None, "no .jpg member"
+    try:
+        return sample, load_views(data, size_hw, rotations), None
+    except CorruptImage as exc:
+        return sample, None, str(exc)
+
+
+def _record(sample: Mapping[str, Any]) -> dict:
+    raw = sample.get("json")
+    rec = json.loads(raw) if raw else {}
+    if not isinstance(rec, dict):
+        rec = {"value": rec}
+    rec.setdefault("key", sample["__key__"])
+    return rec
+
+
+def embed_shard(encoder: nn.Module, url: str, image_size: tuple[int, int],
+                rotations: Sequence[int] = (0,), batch_size: int = 32, workers: int = 2,
+                storage_options: Mapping[str, Any] | None = None,
+                errors: ReadErrors | None = None, progress: tqdm | None = None,
+                stats: EmbedStats | None = None) -> tuple[np.ndarray, list[dict]]:
+    """Embed one image shard: ``([n_images * R, D] float32 rows, records)``, image-major.
+
+    A sample without a decodable JPEG is skipped, logged and counted in ``stats``.
+    Each record gets ``rotation`` and ``image`` (the image's index in this shard).
+    """
+    rotations = check_rotations(rotations)
+    size_hw = (int(image_size[0]), int(image_size[1]))
+    stats = stats if stats is not None else EmbedStats()
+    chunks: list[np.ndarray] = []
+    records: list[dict] = []
+    batch: list[torch.Tensor] = []
+
+    def flush() -> None:
+        if batch:
+            chunks.append(encode_batch(encoder, torch.stack(batch)))
+            batch.clear()
+
+    samples = iter_samples(url, storage_options, errors)
+    with ThreadPoolExecutor(max(1, workers)) as pool:
+        jobs = ((s, size_hw, rotations) for s in samples)
+        for sample, views, why in pool.map(_decode, jobs):
+            if views is None:
+                stats.bad_samples += 1
+                log.warning("skipping %s in %s: %s", sample["__key__"], url, why)
+                continue
+            rec = _record(sample)
+            n_img = len(records) // len(rotations)
+            for r, view in zip(rotations, views):
+                records.append({**rec, "rotation": r, "image": n_img})
+                batch.append(view)
+            if len(batch) >= batch_size:
+                flush()
+            stats.images += 1
+            if progress is not None:
+                progress.update(1)
+    flush()
+    dim = chunks[0].shape[1] if chunks else 0
+    rows = np.concatenate(chunks) if chunks else np.zeros((0, dim), np.float32)
+    return rows, records
+
+
+# ---------------------------------------------------------------- files
+
+def _write_atomic(path: str, write) -> None:
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def write_shard_embeddings(output: str, name: str, rows: np.ndarray, records: Sequence[dict],
+                           dtype: str = "float32") -> None:
+    """``<name>.jsonl`` then ``<name>.npy`` (the marker of completeness), each atomically."""
+    if len(rows) != len(records):
+        raise ValueError(f"{len(rows)} rows but {len(records)} records")
+    lines = "".join(json.dumps(r, sort_keys=True) + "\n" for r in records).encode()
+    _write_atomic(os.path.join(output, name + ".jsonl"), lambda f: f.write(lines))
+    _write_atomic(os.path.join(output, name + ".npy"),
+                  lambda f: np.save(f, np.ascontiguousarray(rows, dtype=np.dtype(dtype))))
+
+
+def _check_params(output: str, params: dict) -> None:
+    path = os.path.join(output, PARAMS)
+    if os.path.exists(path):
+        with open(path) as f:
+            old = json.load(f)
+        if old != params:
+            changed = sorted(k for k in set(old) | set(params) if old.get(k) != params.get(k))
+            raise ValueError(f"{output} holds embeddings made with other arguments "
+                             f"({', '.join(changed)} differ); use a new output folder or "
+                             "delete it")
+        return
+    os.makedirs(output, exist_ok=True)
+    storage.write_json_atomic(path, params)
+
+
+def shard_done(output: str, name: str) -> bool:
+    return (os.path.exists(os.path.join(output, name + ".npy"))
+            and os.path.exists(os.path.join(output, name + ".jsonl")))
+
+
+def finalize_embeddings(output: str) -> bool:
+    """Write ``embeddings.json`` when every shard in ``params.json`` is done; True if complete.
+
+    Any rank or array task may call it; the content does not depend on who writes it.
+    """
+    with open(os.path.join(output, PARAMS)) as f:
+        params = json.load(f)
+    names = params["shards"]
+    if not all(shard_done(output, n) for n in names):
+        return False
+    rows, dim = [], params.get("dim")
+    for n in names:
+        arr = np.load(os.path.join(output, n + ".npy"), mmap_mode="r")
+        rows.append(int(arr.shape[0]))
+        if arr.shape[0]:
+            if dim is not None and arr.shape[1] != dim:
+                raise ValueError(f"{n}.npy has dimension {arr.shape[1]}, others {dim}")
+            dim = int(arr.shape[1])
+    meta = {"format_version": FORMAT_VERSION, "model": params["model"], "dim": dim,
+            "dtype": params["dtype"], "rotations": params["rotations"],
+            "image_size": params["image_size"], "shards": names, "sources": params["sources"],
+            "shard_rows": rows, "rows": sum(rows)}
+    storage.write_json_atomic(os.path.join(output, META), meta)
+    return True
+
+
+def embed_shards(encoder: nn.Module, shards: str | Sequence[str], output: str,
+                 image_size: tuple[int, int] | int, rotations: Sequence[int] = (0,),
+                 batch_size: int = 32, dtype: str = "float32", rank: int = 0,
+                 world_size: int = 1, model_name: str = "", resume: bool = True,
+                 workers: int = 2, storage_options: Mapping[str, Any] | None = None,
+                 progress: bool = True) -> EmbedStats:
+    """Embed this worker's share of ``shards`` into ``output``; see the module docstring.
+
+    ``rank``/``world_size`` select the share (every ``world_size``-th shard from
+    ``rank``; for SLURM arrays pass ``distributed.worker_part(...)``). With
+    ``resume`` complete shards are skipped; without it this share is recomputed
+    (use it when the same folder is reused for a changed model, e.g. each
+    validation). The last worker to finish writes ``embeddings.json``
+    (``stats.complete``); under torch.distributed call ``finalize_embeddings``
+    after a barrier to be sure.
+    """
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    if batch_size < 1:
+        raise ValueError(f"batch size must be >= 1, got {batch_size}")
+    if isinstance(image_size, int):
+        image_size = (image_size, image_size)
+    rotations = check_rotations(rotations)
+    urls = resolve_shards(shards, storage_options)
+    if not urls:
+        raise ValueError("no shards to embed")
+    names = [shard_name(u) for u in urls]
+    params = {"format_version": FORMAT_VERSION, "model": model_name, "dtype": dtype,
+              "rotations": list(rotations), "image_size": list(image_size),
+              "shards": names, "sources": urls}
+    output = storage.normalize(output)
+    _check_params(output, params)
+    mine = take_part(list(zip(urls, names)), rank, world_size)
+    stats = EmbedStats()
+    todo = []
+    for url, name in mine:
+        if resume and shard_done(output, name):
+            stats.shards_skipped += 1
+        else:
+            todo.append((url, name))
+    if stats.shards_skipped:
+        log.info("%d shards already embedded, skipped", stats.shards_skipped)
+    errors = ReadErrors()
+    was_training = encoder.training
+    encoder.eval()
+    try:
+        with tqdm(total=None, unit="img", desc=f"embed (rank {rank})", disable=not progress,
+                  position=rank if world_size > 1 else None) as bar:
+            for url, name in todo:
+                rows, records = embed_shard(encoder, url, image_size, rotations, batch_size,
+                                            workers, storage_options, errors, bar, stats)
+                write_shard_embeddings(output, name, rows, records, dtype)
+                stats.shards_written += 1
+                stats.rows += len(rows)
+                stats.written.append(name)
+    finally:
+        encoder.train(was_training)
+    stats.read_errors = errors.count
+    stats.complete = finalize_embeddings(output)
+    return stats
+
+
+# ---------------------------------------------------------------- reading
+
+class Embeddings:
+    """An embeddings folder (or in-memory arrays) read lazily: memory-mapped rows per shard.
+
+    ``vectors_chunks()`` streams float32 chunks; ``take(rows)`` gathers rows;
+    ``records`` (read on first use) holds one metadata dict per row; ``image_of_row``
+    maps each row to its database image (rows of the same image at other rotations
+    share it).
+    """
+
+    def __init__(self, arrays: Sequence[np.ndarray], records: Sequence[Mapping] | None = None,
+                 meta: Mapping[str, Any] | None = None, root: str | None = None,
+                 names: Sequence[str] | None = None) -> None:
+        self.arrays = list(arrays)
+        self.meta = dict(meta or {})
+        self.root = root
+        self.names = list(names) if names is not None else [f"part{i}" for i in
+                                                            range(len(self.arrays))]
+        self._records = list(records) if records is not None else None
+        sizes = [int(a.shape[0]) for a in self.arrays]
+        self.offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+        dims = {int(a.shape[1]) for a in self.arrays if a.ndim == 2 and a.shape[0]}
+        if len(dims) > 1:
+            raise ValueError(f"embedding parts have different dimensions: {sorted(dims)}")
+        self.dim = dims.pop() if dims else int(self.meta.get("dim") or 0)
+
+    @classmethod
+    def from_arrays(cls, vectors: np.ndarray, records: Sequence[Mapping] | None = None
+                    ) -> "Embeddings":
+        """In-memory embeddings (one part); records default to ``{"key": str(i)}``."""
+        vectors = np.asarray(vectors)
+        if vectors.ndim != 2:
+            raise ValueError(f"vectors must be [N, D], got shape {vectors.shape}")
+        if records is None:
+            records = [{"key": str(i), "rotation": 0, "image": i} for i in range(len(vectors))]
+        if len(records) != len(vectors):
+            raise ValueError(f"{len(vectors)} vectors but {len(records)} records")
+        return cls([vectors], records, {"dim": int(vectors.shape[1]),
+                                         "rotations": sorted({int(r.get("rotation", 0))
+                                                              for r in records}) or [0]})
+
+    @classmethod
+    def open(cls, root: str) -> "Embeddings":
+        """A complete embeddings folder (``embeddings.json`` present)."""
+        root = storage.normalize(root)
+        path = os.path.join(root, META)
+        if not os.path.exists(path):
+            if os.path.exists(os.path.join(root, PARAMS)):
+                with open(os.path.join(root, PARAMS)) as f:
+                    names = json.load(f)["shards"]
+                missing = [n for n in names if not shard_done(root, n)]
+                raise FileNotFoundError(f"embeddings in {root} are incomplete: {len(missing)} "
+                                        f"of {len(names)} shards missing (first: "
+                                        f"{missing[0]}); run embed again")
+            raise FileNotFoundError(f"not an embeddings folder (no {META}): {root}")
+        with open(path) as f:
+            meta = json.load(f)
+        arrays = []
+        for name, rows in zip(meta["shards"], meta["shard_rows"]):
+            npy = os.path.join(root, name + ".npy")
+            if not os.path.exists(npy):
+                raise FileNotFoundError(f"embedding shard missing: {npy}")
+            arr = np.load(npy, mmap_mode="r")
+            if arr.shape[0] != rows:
+                raise ValueError(f"{npy} has {arr.shape[0]} rows, embeddings.json says {rows}")
+            if arr.ndim != 2:
+                arr = arr.reshape(0, int(meta.get("dim") or 0))
+            arrays.append(arr)
+        return cls(arrays, None, meta, root, meta["shards"])
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    @property
+    def rotations(self) -> list[int]:
+        return list(self.meta.get("rotations") or [0])
+
+    @property
+    def records(self) -> list[dict]:
+        if self._records is None:
+            recs: list[dict] = []
+            for name, arr in zip(self.names, self.arrays):
+                with open(os.path.join(self.root, name + ".jsonl")) as f:
+                    part = [json.loads(line) for line in f if line.strip()]
+                if len(part) != arr.shape[0]:
+                    raise ValueError(f"{name}.jsonl has {len(part)} records for "
+                                     f"{arr.shape[0]} rows")
+                recs.extend(part)
+            self._records = recs
+        return self._records
+
+    @cached_property
+    def keys(self) -> np.ndarray:
+        return np.asarray([str(r.get("key")) for r in self.records], dtype=object)
+
+    @cached_property
+    def rotation_of_row(self) -> np.ndarray:
+        return np.asarray([int(r.get("rotation", 0)) for r in self.records], np.int64)
+
+    @cached_property
+    def image_of_row(self) -> np.ndarray:
+        """Row -> image number (first-appearance order of keys)."""
+        _, first, inverse = np.unique(self.keys, return_index=True, return_inverse=True)
+        # renumber so that images are numbered in order of first appearance
+        order = np.argsort(first, kind="stable")
+        rank = np.empty_like(order)
+        rank[order] = np.arange(len(order))
+        return rank[inverse].astype(np.int64)
+
+    @cached_property
+    def image_rows(self) -> np.ndarray:
+        """Image number -> its first row (the record that describes the image)."""
+        img = self.image_of_row
+        first = np.full(int(img.max()) + 1 if len(img) else 0, -1, np.int64)
+        rows = np.arange(len(img))[::-1]
+        first[img[::-1]] = rows
+        return first
+
+    def image_records(self) -> list[dict]:
+        return [self.records[i] for i in self.image_rows]
+
+    def chunks(self, rows_per_chunk: int = 65536, start: int = 0, stop: int | None = None
+               ) -> Iterator[tuple[int, np.ndarray]]:
+        """``(first global row, float32 [n, D])`` over rows ``[start, stop)``, shard by shard."""
+        stop = len(self) if stop is None else stop
+        for part, arr in enumerate(self.arrays):
+            lo, hi = int(self.offsets[part]), int(self.offsets[part + 1])
+            a, b = max(lo, start), min(hi, stop)
+            for s in range(a, b, rows_per_chunk):
+                e = min(b, s + rows_per_chunk)
+                yield s, np.ascontiguousarray(arr[s - lo:e - lo], dtype=np.float32)
+
+    def take(self, rows: Iterable[int]) -> np.ndarray:
+        """float32 rows by global id (any order)."""
+        rows = np.asarray(list(rows) if not isinstance(rows, np.ndarray) else rows, np.int64)
+        out = np.empty((len(rows), self.dim), np.float32)
+        if not len(rows):
+            return out
+        if rows.min() < 0 or rows.max() >= len(self):
+            raise IndexError(f"row ids out of range [0, {len(self)})")
+        part = np.searchsorted(self.offsets, rows, side="right") - 1
+        for p in np.unique(part):
+            sel = np.flatnonzero(part == p)
+            local = rows[sel] - self.offsets[p]
+            order = np.argsort(local, kind="stable")
+            out[sel[order]] = self.arrays[p][local[order]]
+        return out
+
+    def all(self) -> np.ndarray:
+        """All rows as one float32 array (small sets only)."""
+        return np.concatenate([c for _, c in self.chunks()]) if len(self) else \
+            np.zeros((0, self.dim), np.float32)
+
+
+def as_embeddings(value: "Embeddings | str | np.ndarray") -> Embeddings:
+    if isinstance(value, Embeddings):
+        return value
+    if isinstance(value, np.ndarray):
+        return Embeddings.from_arrays(value)
+    return Embeddings.open(str(value))
