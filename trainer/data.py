@@ -70,6 +70,7 @@ class DataConfig:
       (null: K); places with fewer images are skipped and counted;
     - ``mine_queries``: add up to ``queries_per_place`` mined queries per place (EarthLoc2);
     - ``augment`` / ``query_augment``: preset names (``trainer.augment``);
+      ``augment_options``: keyword args of the ``augment`` preset (EarthLoc2: brightness 0.4);
     - ``batch_grouping``: ``random`` or ``spatial`` (a neighbourhood per batch);
     - ``steps_per_epoch``: null derives it from the manifest;
     - ``shuffle_buffer``: places held per stream; ``workers``: DataLoader processes
@@ -85,6 +86,7 @@ class DataConfig:
     mine_queries: bool = False
     queries_per_place: int = 1
     augment: str = "none"
+    augment_options: dict[str, Any] = field(default_factory=dict)
     query_augment: str = "earthloc-query"
     batch_grouping: str = "random"
     steps_per_epoch: int | None = None
@@ -100,6 +102,7 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         self.storage_options = dict(self.storage_options or {})
+        self.augment_options = dict(self.augment_options or {})
         if self.min_images_per_place is None:
             self.min_images_per_place = self.images_per_place
         for name in ("places_per_batch", "images_per_place", "min_images_per_place",
@@ -113,9 +116,11 @@ class DataConfig:
         if self.batch_grouping not in GROUPINGS:
             raise ValueError(f"data.batch_grouping must be one of {', '.join(GROUPINGS)}, "
                              f"got {self.batch_grouping!r}")
-        for name in ("augment", "query_augment"):
-            if getattr(self, name) not in list_augmentations():
-                build_augmentation(getattr(self, name), 8)  # raises with a suggestion
+        build_augmentation(self.query_augment, 8)   # unknown names raise with a suggestion
+        try:
+            build_augmentation(self.augment, 8, **self.augment_options)
+        except TypeError as exc:
+            raise ValueError(f"data.augment_options do not fit '{self.augment}': {exc}") from None
 
     @property
     def streams(self) -> int:
@@ -538,7 +543,8 @@ class _StreamSpec:
     @property
     def augs(self) -> tuple[Augmentation, Augmentation]:
         if self._augs is None:
-            self._augs = (build_augmentation(self.cfg.augment, self.image_size),
+            self._augs = (build_augmentation(self.cfg.augment, self.image_size,
+                                             **self.cfg.augment_options),
                           build_augmentation(self.cfg.query_augment, self.image_size))
         return self._augs
 
