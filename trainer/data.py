@@ -396,7 +396,8 @@ class _Stream:
                     if attempt + 1 < attempts:
                         time.sleep(min(0.5 * 2 ** attempt, 8.0))
                         continue
-                    self.counts.add("shard_errors", 1, f"{url}: {type(exc).__name__}: {exc}")
+                    if not repeated:    # a refill pass meets the same problems: count once
+                        self.counts.add("shard_errors", 1, f"{url}: {type(exc).__name__}: {exc}")
 
     def _places(self, samples: Iterator[tuple[dict | None, bool]]) -> Iterator[_Place | None]:
         cfg = self.cfg
@@ -405,11 +406,16 @@ class _Stream:
                 yield None          # end of a pass
                 continue
             key = sample.get("__key__", "?")
+
+            def skip(name: str, why: str | None) -> None:
+                if not repeated:    # a refill pass meets the same problems: count once
+                    self.counts.add(name, 1, why)
+
             try:
                 place = json.loads(sample["json"])
                 recs, qrecs = list(place["images"]), list(place.get("queries") or [])
             except (KeyError, TypeError, ValueError) as exc:
-                self.counts.add("bad_samples", 1, f"{key}: no readable place record ({exc})")
+                skip("bad_samples", f"{key}: no readable place record ({exc})")
                 continue
             imgs, qs = reader.member_images(sample)
             images, queries = [], []
@@ -418,16 +424,16 @@ class _Stream:
                 for i, rec in enumerate(records):
                     data = sample.get(f"{role}{i}.jpg")
                     if data is None:
-                        self.counts.add("missing_members", 1, f"{key}.{role}{i}.jpg is missing")
+                        skip("missing_members", f"{key}.{role}{i}.jpg is missing")
                         continue
                     try:
                         check_jpeg(data)
                     except CorruptImage as exc:
-                        self.counts.add("bad_images", 1, f"{key}.{role}{i}.jpg: {exc}")
+                        skip("bad_images", f"{key}.{role}{i}.jpg: {exc}")
                         continue
                     out.append((rec, data))
             if len(images) < cfg.min_images_per_place:
-                self.counts.add("small_places", 1)
+                skip("small_places", None)
                 continue
             self._usable += 1
             yield _Place(key, place.get("place_id"), images, queries,
