@@ -277,6 +277,9 @@ def embed_shards(encoder: nn.Module, shards: str | Sequence[str], output: str,
             stats.shards_skipped += 1
         else:
             todo.append((url, name))
+    for url, _ in todo:
+        if not storage.exists(url, storage_options):
+            raise FileNotFoundError(f"shard missing: {url}")
     if stats.shards_skipped:
         log.info("%d shards already embedded, skipped", stats.shards_skipped)
     errors = ReadErrors()

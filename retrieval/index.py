@@ -278,23 +278,26 @@ def _load_or_train(root: str, emb: Embeddings, factory: str, train_size: int | N
 
 
 def build_index(embeddings: "Embeddings | str | np.ndarray", output: str | None = None,
-                factory: str = "Flat", num_shards: int = 1, shard: int | None = None,
+                factory: str = "Flat", num_shards: int = 1,
+                shard: "int | Sequence[int] | None" = None,
                 train_size: int | None = None, seed: int = 0, progress: bool = True
                 ) -> ShardedIndex | None:
     """Build ``num_shards`` index shards over the embeddings (all, or only shard ``shard``).
 
     With ``output=None`` the index lives in memory (e.g. for validation) and is returned.
-    With an ``output`` folder, shards are written there (``shard`` builds one, so array
-    tasks can split the work) and the full ``ShardedIndex`` is returned when every
+    With an ``output`` folder, shards are written there (``shard`` builds one or some,
+    so array tasks can split the work; existing shard files are kept) and the full ``ShardedIndex`` is returned when every
     shard exists, else None.
     """
     emb = as_embeddings(embeddings)
     if len(emb) == 0:
         raise ValueError("no embeddings to index")
     ranges = shard_ranges(len(emb), num_shards)
-    if shard is not None and not 0 <= shard < num_shards:
-        raise ValueError(f"--shard {shard} is not in [0, {num_shards})")
-    numbers = range(num_shards) if shard is None else [shard]
+    numbers = list(range(num_shards)) if shard is None else \
+        ([shard] if isinstance(shard, int) else list(shard))
+    for i in numbers:
+        if not 0 <= i < num_shards:
+            raise ValueError(f"index shard {i} is not in [0, {num_shards})")
     probe = new_index(emb.dim, factory)
     global_ids = ivf_of(probe) is not None
     meta = _index_meta(emb, factory, ranges, global_ids, train_size, seed)

@@ -1,0 +1,67 @@
+"""One module per ``python -m retrieval`` command, plus the few helpers they share.
+
+Only this layer loads saved encoders (``trainer.models.load_encoder``): the
+library below it sees an ``nn.Module``.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+class CommandError(Exception):
+    """Bad input: printed as one line, exit code 2."""
+
+
+def parse_ints(text: str, what: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.replace(" ", "").split(",") if v != ""]
+    except ValueError:
+        raise CommandError(f"{what} must be comma-separated integers, got {text!r}") from None
+    if not values:
+        raise CommandError(f"{what} is empty")
+    return values
+
+
+def device() -> "Any":
+    """This process's device: its local GPU under a launcher, else the CPU."""
+    import torch
+
+    if torch.cuda.is_available() and os.environ.get("ACCELERATE_USE_CPU", "").lower() not in (
+            "1", "true", "yes"):
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device("cpu")
+
+
+def load_model(path: str):
+    """``(encoder, (H, W), dim)`` from a saved encoder; a one-line error when it does not load."""
+    if not os.path.exists(path):
+        raise CommandError(f"encoder not found: {path}")
+    try:
+        from trainer.models import load_encoder
+
+        return load_encoder(path, device=device())
+    except CommandError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any failure to load is the user's input
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CommandError(f"cannot load encoder {path}: {msg}") from None
+
+
+def model_label(path: str) -> str:
+    """What an embeddings folder records as its model: the encoder's path and weights' stamp."""
+    p = os.path.abspath(path)
+    w = os.path.join(p, "model.safetensors") if os.path.isdir(p) else p
+    try:
+        st = os.stat(w)
+        return f"{p}@{st.st_size}:{int(st.st_mtime)}"
+    except OSError:
+        return p
+
+
+def add_common(p, progress: bool = True) -> None:
+    if progress:
+        p.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -1,0 +1,112 @@
+"""Localize photographs: embed, search the index, answer with footprints (GeoJSON, map).
+
+The prediction of rank r is the database image of the r-th best row, each
+database image once (its best rotation, which also tells the photo's
+orientation). When a query's file name is an EarthLoc name, its true footprint
+is added to the output.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+
+from shard_tools.formats import parse_earthloc_name
+
+from .embed import Embeddings, encode_batch
+from .geojson import feature, feature_collection, footprint_geometry, record_geometry
+from .images import load_views
+from .index import ShardedIndex
+from .search import dedupe, search
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Localization:
+    """One query's answer: ranked database records with scores, and the truth if known."""
+
+    query: str
+    predictions: list[dict] = field(default_factory=list)   # {rank, score, row, record}
+    truth: list[list[float]] | None = None
+
+
+def true_footprint(path: str) -> list[list[float]] | None:
+    """The footprint in an EarthLoc file name, or None."""
+    try:
+        fp = parse_earthloc_name(os.path.basename(path)).get("footprint")
+    except ValueError:
+        return None
+    return fp if fp and len(fp) == 4 else None
+
+
+def localize(encoder: nn.Module, images: Sequence[str], index: ShardedIndex, database: Embeddings,
+             image_size: tuple[int, int], top_k: int = 10, nprobe: int | None = None,
+             batch_size: int = 16) -> list[Localization]:
+    """Top-k distinct database images for each image file."""
+    if top_k < 1:
+        raise ValueError(f"--top-k must be >= 1, got {top_k}")
+    vectors = []
+    was_training = encoder.training
+    encoder.eval()
+    try:
+        for a in range(0, len(images), batch_size):
+            batch = []
+            for path in images[a:a + batch_size]:
+                with open(path, "rb") as f:
+                    batch.append(load_views(f.read(), image_size, (0,))[0])
+            vectors.append(encode_batch(encoder, torch.stack(batch)))
+    finally:
+        encoder.train(was_training)
+    q = np.concatenate(vectors)
+    n_rot = max(1, len(database.rotations))
+    wide = search(index, q, min(top_k * n_rot, max(1, index.ntotal)), nprobe)
+    best = dedupe(wide, database.image_of_row, top_k)
+    out = []
+    for path, scores, ids in zip(images, best.scores, best.ids):
+        loc = Localization(os.path.basename(path), truth=true_footprint(path))
+        for r, (s, i) in enumerate(zip(scores, ids)):
+            if i < 0:
+                break
+            loc.predictions.append({"rank": r + 1, "score": float(s), "row": int(i),
+                                    "record": database.records[int(i)]})
+        out.append(loc)
+    return out
+
+
+def to_geojson(results: Sequence[Localization]) -> dict:
+    """A FeatureCollection: one feature per prediction (rank, score) and per known truth."""
+    feats = []
+    for loc in results:
+        for p in loc.predictions:
+            rec: dict[str, Any] = p["record"]
+            feats.append(feature(record_geometry(rec), query=loc.query, role="prediction",
+                                 rank=p["rank"], score=round(p["score"], 6),
+                                 key=rec.get("key"), image_id=rec.get("image_id"),
+                                 source=rec.get("source"), year=rec.get("year"),
+                                 rotation=rec.get("rotation")))
+        if loc.truth is not None:
+            feats.append(feature(footprint_geometry(loc.truth), query=loc.query, role="truth",
+                                 rank=None, score=None))
+    return feature_collection(feats)
+
+
+def map_image(loc: Localization, query_path: str | None = None, height: int = 512,
+              use_bluemarble: bool = True) -> Image.Image:
+    """The map of one localization (top-k shapes, the truth, the query beside)."""
+    from .mapdraw import draw_map
+
+    shapes = []
+    for p in loc.predictions:
+        rec = p["record"]
+        fp = rec.get("footprint")
+        shapes.append(np.asarray(fp if fp else [[rec["lat"], rec["lon"]]], np.float64))
+    query = Image.open(query_path) if query_path else None
+    return draw_map(shapes, None if loc.truth is None else np.asarray(loc.truth), query, height,
+                    use_bluemarble)
