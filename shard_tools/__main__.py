@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import signal
 import sys
 
 COMMANDS = ("convert", "manifest", "verify", "pairs", "positives", "regions", "bluemarble")
@@ -16,6 +17,24 @@ COMMANDS = ("convert", "manifest", "verify", "pairs", "positives", "regions", "b
 
 class CommandError(Exception):
     """Bad input: printed as one line, exit code 2."""
+
+
+def version() -> str:
+    """The installed ``streamloc`` version (the source tree's when not installed)."""
+    try:
+        from importlib.metadata import PackageNotFoundError, version as dist_version
+        return dist_version("streamloc")
+    except (ImportError, PackageNotFoundError):
+        return "0+unknown"
+
+
+def _error_line(exc: BaseException) -> str:
+    """``<path>: <reason>`` for OS errors that name a file, the message otherwise."""
+    if isinstance(exc, OSError) and exc.filename is not None and exc.strerror:
+        where = exc.filename if exc.filename2 is None else f"{exc.filename} -> {exc.filename2}"
+        return f"{where}: {exc.strerror}"
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
 
 
 def _load(name: str):
@@ -35,6 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
                "  python -m shard_tools <command> --help",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {version()}")
     sub = parser.add_subparsers(dest="command", metavar="command")
     for name in COMMANDS:
         try:
@@ -46,6 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
                            epilog="examples:\n" + mod.EXAMPLES,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
         mod.add_arguments(p)
+        p.add_argument("--version", action="version", version=f"%(prog)s {version()}")
         p.set_defaults(_run=mod.run)
     return parser
 
@@ -58,14 +79,24 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "_run", None):
         parser.print_help()
         return 2
+    from .convert import Terminated, _raise_terminated
+
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)  # SIGTERM ends as Ctrl-C does
     try:
         return int(args._run(args) or 0)
-    except (CommandError, ValueError, FileNotFoundError, FileExistsError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except (CommandError, ValueError, OSError, RuntimeError) as exc:
+        # bad input, unusable output (permission, read-only, full disk, not a folder),
+        # malformed bookkeeping, a held lock: one line, exit 2
+        print(f"error: {_error_line(exc)}", file=sys.stderr)
         return 2
+    except Terminated:
+        print("error: terminated", file=sys.stderr)
+        return 128 + signal.SIGTERM
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

@@ -166,28 +166,42 @@ def parse_earthloc_name(name: str) -> dict:
 
 def format_earthloc_name(record: Mapping[str, Any], decimals: int | None = None,
                          nadir_decimals: int | None = None,
-                         orientation_decimals: int | None = None) -> str:
-    """The EarthLoc file name (no folder) of a record.
+                         orientation_decimals: int | None = None,
+                         keep_folder: bool = False) -> str:
+    """The EarthLoc file name of a record (with ``keep_folder``, under the folder of
+    its ``source``).
 
     ``decimals`` fixes the corner precision (real queries use 6 decimals, a
-    1-decimal nadir and orientation; tiles 5 decimals and orientation 0); by
-    default numbers are written in their shortest exact form, so that
-    ``parse(format(parse(x))) == parse(x)`` holds for any input.
+    1-decimal nadir and orientation; tiles 5 decimals and orientation 0). By
+    default numbers are written in their shortest exact form, which gives the
+    round-trip property, for every name ``x`` that parses::
+
+        r = parse_earthloc_name(x); y = format_earthloc_name(r, keep_folder=True)
+        parse_earthloc_name(y) == {**r, "source": y}    # every field but source
+        format_earthloc_name(parse_earthloc_name(y), keep_folder=True) == y
+
+    ``y`` is not ``x`` as text: ``-1.424320`` is written ``-1.42432``. Without
+    ``keep_folder`` the same holds except for a tile whose year is only in its
+    folder, whose year is then written as its timestamp.
     """
     footprint = record["footprint"]
     if not footprint or len(footprint) != 4:
         raise ValueError("format_earthloc_name: record needs a 4-corner footprint")
     nadir = record.get("nadir") or [record["lat"], record["lon"]]
+    source = str(record.get("source") or "").replace("\\", "/")
+    folder = posixpath.dirname(source) if keep_folder else ""
     timestamp = record.get("timestamp")
     if timestamp in (None, ""):
-        timestamp = "" if record.get("year") is None else str(record["year"])
+        year_in_folder = bool(folder) and _YEAR_FOLDER_RE.search(folder) is not None
+        timestamp = "" if record.get("year") is None or year_in_folder else str(record["year"])
     fields = [_fmt_fixed(v, decimals) for corner in footprint for v in corner]
     fields += [str(record["image_id"]), str(timestamp),
                _fmt_fixed(nadir[0], nadir_decimals), _fmt_fixed(nadir[1], nadir_decimals),
                _fmt_num(round(record.get("area_km2") or 0) if decimals is not None
                         else (record.get("area_km2") or 0)),
                _fmt_fixed(record.get("orientation_deg") or 0, orientation_decimals)]
-    return "@" + "@".join(fields) + "@.jpg"
+    name = "@" + "@".join(fields) + "@.jpg"
+    return f"{folder}/{name}" if folder else name
 
 
 def earthloc_database_folder(record: Mapping[str, Any]) -> str:
@@ -283,6 +297,9 @@ def parse_gsv_cities_row(row: Mapping[str, Any], source: str | None = None) -> d
         except ValueError:
             raise ValueError(f"malformed {fmt} {where!r}: field {col!r} is not an "
                              f"integer: {row[col]!r}") from None
+    if not 1 <= ints["month"] <= 12:
+        raise ValueError(f"malformed {fmt} {where!r}: field 'month' is out of range "
+                         f"[1, 12]: {row['month']!r}")
     lat = _float(fmt, where, "lat", str(row["lat"]), -90.0, 90.0)
     lon = _float(fmt, where, "lon", str(row["lon"]), -180.0, 180.0)
     heading = _float(fmt, where, "northdeg", str(row["northdeg"]), -360.0, 360.0)
@@ -347,6 +364,9 @@ def parse_csv_row(row: Mapping[str, Any]) -> dict:
             except ValueError:
                 raise ValueError(f"malformed {fmt} {where!r}: field {col!r} is not an "
                                  f"integer: {row[col]!r}") from None
+    if "month" in extra and not 1 <= extra["month"] <= 12:
+        raise ValueError(f"malformed {fmt} {where!r}: field 'month' is out of range "
+                         f"[1, 12]: {row['month']!r}")
     for col, field in _CSV_OPTIONAL_FLOAT.items():
         if row.get(col) not in (None, ""):
             extra[field] = _float(fmt, where, col, str(row[col]))

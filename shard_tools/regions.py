@@ -64,8 +64,11 @@ def parse_region(spec: str) -> Region:
         known = ", ".join(list(REGIONS) + list(REGION_GROUPS))
         raise ValueError(f"unknown region {spec!r}: use one of {known}, "
                          "or name:lat,lon,query_km,db_km")
-    if not name or name in REGION_GROUPS:
+    if not name:
         raise ValueError(f"bad region {spec!r}: a region spec needs a new name before ':'")
+    if name in REGIONS or name in REGION_GROUPS:
+        raise ValueError(f"bad region {spec!r}: {name!r} is a built-in region and cannot be "
+                         f"redefined; give your region another name")
     parts = rest.split(",")
     if len(parts) != 4:
         raise ValueError(f"bad region {spec!r}: expected name:lat,lon,query_km,db_km")

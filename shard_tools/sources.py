@@ -29,16 +29,28 @@ class Item:
 
     url: str
     record: dict
+    stat: tuple | None = None   # (size, mtime) when a listing gave it; else read at planning
 
 
 @dataclass(frozen=True)
 class Reject:
+    """One input left out, as a line of ``rejects.jsonl``.
+
+    ``reason`` is a short category where one exists (``duplicate``, ``too large``,
+    ``symlink loop``, ``broken symlink``) with the particulars in ``detail``, or a
+    message naming the bad field.
+    """
+
     path: str
     reason: str
     stage: str = "scan"
+    detail: str = ""
 
     def to_json(self) -> dict:
-        return {"path": self.path, "reason": self.reason, "stage": self.stage}
+        out = {"path": self.path, "reason": self.reason, "stage": self.stage}
+        if self.detail:
+            out["detail"] = self.detail
+        return out
 
 
 @dataclass
@@ -47,15 +59,20 @@ class Scan:
     rejects: list[Reject] = field(default_factory=list)
 
 
+def _listing_rejects(inputs: storage.InputList, prefix: str = "") -> list[Reject]:
+    return [Reject(prefix + name, reason, detail=detail) for name, reason, detail in inputs.skipped]
+
+
 def _scan_names(inputs: storage.InputList, parse) -> Scan:
-    out = Scan()
+    out = Scan(rejects=_listing_rejects(inputs))
     for name in inputs.names:
         try:
+            _check_path_text(name)
             rec = parse(name)
         except ValueError as exc:
             out.rejects.append(Reject(name, str(exc)))
             continue
-        out.items.append(Item(inputs.url(name), rec))
+        out.items.append(Item(inputs.url(name), rec, inputs.sizes.get(name)))
     return out
 
 
@@ -68,8 +85,21 @@ def scan_vpr(src: str, storage_options: Mapping[str, Any] | None = None) -> Scan
 
 
 def _read_csv(url: str, storage_options: Mapping[str, Any] | None) -> list[dict]:
-    text = storage.read_bytes(url, storage_options).decode("utf-8-sig")
-    return list(csv.DictReader(io.StringIO(text)))
+    try:
+        text = storage.read_bytes(url, storage_options).decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise storage.BadFile(f"{url}: not UTF-8 ({exc.reason} at byte {exc.start})") from None
+    try:
+        return list(csv.DictReader(io.StringIO(text)))
+    except csv.Error as exc:
+        raise storage.BadFile(f"{url}: not a CSV table ({exc})") from None
+
+
+def _check_path_text(path: str) -> None:
+    """A path with a NUL or another control character cannot name a file."""
+    bad = next((c for c in path if ord(c) < 32), None)
+    if bad is not None:
+        raise ValueError(f"malformed path {path!r}: control character {bad!r}")
 
 
 def scan_gsv_cities(src: str, storage_options: Mapping[str, Any] | None = None) -> Scan:
@@ -85,8 +115,8 @@ def scan_gsv_cities(src: str, storage_options: Mapping[str, Any] | None = None) 
         raise FileNotFoundError(f"gsv-cities input needs a Dataframes/ folder: {frames}")
     images = storage.list_inputs(images_root, storage_options)
     present = set(images.names)
-    out = Scan()
-    seen: set[str] = set()
+    out = Scan(rejects=_listing_rejects(images, "Images/"))
+    seen: dict[str, str] = {}
     for csv_path in sorted(p for p in fs.ls(frames_path, detail=False) if p.endswith(".csv")):
         city = posixpath.splitext(posixpath.basename(csv_path))[0]
         csv_url = storage.join(frames, posixpath.basename(csv_path))
@@ -100,12 +130,16 @@ def scan_gsv_cities(src: str, storage_options: Mapping[str, Any] | None = None) 
                 reason = str(exc) if isinstance(exc, ValueError) else f"missing column {exc}"
                 out.rejects.append(Reject(where, reason))
                 continue
+            if name in seen:
+                out.rejects.append(Reject(where, "duplicate",
+                                          detail=f"Images/{name} already given by {seen[name]}"))
+                continue
             if name not in present:
                 out.rejects.append(Reject(f"Images/{name}", f"missing image for CSV row {where}"))
                 continue
-            seen.add(name)
-            out.items.append(Item(images.url(name), rec))
-    for name in sorted(present - seen):
+            seen[name] = where
+            out.items.append(Item(images.url(name), rec, images.sizes.get(name)))
+    for name in sorted(present - set(seen)):
         out.rejects.append(Reject(f"Images/{name}", "missing CSV row for image"))
     return out
 
@@ -119,14 +153,23 @@ def scan_csv(src: str, storage_options: Mapping[str, Any] | None = None) -> Scan
     root = src.rsplit("/", 1)[0] if storage.is_remote(src) else os.path.dirname(
         os.path.abspath(src))
     out = Scan()
+    seen: dict[str, str] = {}
     for i, row in enumerate(_read_csv(src, storage_options)):
+        where = f"{os.path.basename(src)}:{i + 2}"
         try:
             rec = formats.parse_csv_row(row)
+            _check_path_text(rec["source"])
         except ValueError as exc:
-            out.rejects.append(Reject(f"{os.path.basename(src)}:{i + 2}", str(exc)))
+            out.rejects.append(Reject(where, str(exc)))
             continue
         path = rec["source"]
         url = path if ("://" in path or os.path.isabs(path)) else storage.join(root, path)
+        ident = url if "://" in url else os.path.normpath(url)
+        if ident in seen:
+            out.rejects.append(Reject(where, "duplicate",
+                                      detail=f"{path} already given by {seen[ident]}"))
+            continue
+        seen[ident] = where
         out.items.append(Item(url, rec))
     return out
 

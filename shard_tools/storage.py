@@ -6,12 +6,13 @@ or from explicit ``storage_options``.
 """
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
 import posixpath
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 import fsspec
@@ -77,15 +78,80 @@ def parse_storage_options(text: str | None) -> dict:
 
 @dataclass(frozen=True)
 class InputList:
-    """Images named relative to ``root``: a folder, or the folder of a ``.txt`` list."""
+    """Images named relative to ``root``: a folder, or the folder of a ``.txt`` list.
+
+    ``skipped`` holds ``(name, reason, detail)`` for what was listed but cannot be
+    used (a repeated line of a list, a symlink loop, a broken link), so that
+    scanners report it instead of losing it silently. ``sizes`` holds
+    ``name -> (size, mtime)`` where an object-store listing gave them for free.
+    """
 
     root: str
     names: list[str]
     storage_options: Mapping[str, Any] | None = None
+    skipped: list[tuple[str, str, str]] = field(default_factory=list)
+    sizes: dict[str, tuple[int, str]] = field(default_factory=dict)
 
     def url(self, name: str) -> str:
         return join(self.root, name)
 
+
+def _walk_local(base: str, exts: tuple[str, ...]) -> tuple[list[str], list[tuple[str, str, str]]]:
+    """Image names under ``base``, following directory symlinks.
+
+    A directory reached twice through links (a loop, or two links to one folder)
+    is listed once; the other way in is reported as skipped, as is a broken link.
+    """
+    names: list[str] = []
+    skipped: list[tuple[str, str, str]] = []
+    seen: dict[tuple[int, int], str] = {}
+
+    def walk(folder: str, rel: str) -> None:
+        st = os.stat(folder)
+        ident = (st.st_dev, st.st_ino)
+        if ident in seen:
+            first = seen[ident]
+            loop = not first or rel.startswith(first + "/")
+            skipped.append((rel, "symlink loop" if loop else "duplicate",
+                            f"folder already listed as {first or '.'}"))
+            return
+        seen[ident] = rel
+        try:
+            entries = sorted(os.scandir(folder), key=lambda e: e.name)
+        except OSError as exc:
+            skipped.append((rel or ".", "unreadable", f"{exc.strerror or exc}"))
+            return
+        for entry in entries:
+            name = f"{rel}/{entry.name}" if rel else entry.name
+            try:
+                is_dir = entry.is_dir(follow_symlinks=True)
+                is_file = entry.is_file(follow_symlinks=True)
+            except OSError:
+                is_dir = is_file = False
+            if is_dir:
+                walk(entry.path, name)
+            elif is_file:
+                if entry.name.lower().endswith(exts):
+                    names.append(name)
+            elif entry.is_symlink() and not os.path.exists(entry.path):
+                skipped.append((name, "broken symlink", f"-> {os.readlink(entry.path)}"))
+
+    walk(base, "")
+    return sorted(names), skipped
+
+
+def _dedupe(names: list[str]) -> tuple[list[str], list[tuple[str, str, str]]]:
+    """Keep the first of names that denote the same path (``a/x.jpg``, ``./a/x.jpg``)."""
+    first: dict[str, int] = {}
+    kept, skipped = [], []
+    for i, name in enumerate(names):
+        norm = posixpath.normpath(name.replace("\\", "/"))
+        if norm in first:
+            skipped.append((name, "duplicate", f"line {i + 1} repeats line {first[norm] + 1}"))
+            continue
+        first[norm] = i
+        kept.append(name)
+    return kept, skipped
 
 
 def list_inputs(src: str, storage_options: Mapping[str, Any] | None = None,
@@ -94,28 +160,41 @@ def list_inputs(src: str, storage_options: Mapping[str, Any] | None = None,
 
     A ``.txt`` list holds one path per line relative to the list's folder (blank
     lines and ``#`` comments are ignored); only names are needed, so listed
-    files need not exist.
+    files need not exist. A repeated path is kept once (the others are in
+    ``skipped`` as duplicates). Local folders follow directory symlinks.
     """
     src = normalize(src)
     fs, path = filesystem(src, storage_options)
     if src.endswith(".txt"):
         if not fs.exists(path):
             raise FileNotFoundError(f"input list not found: {src}")
-        with fs.open(path, "rt") as f:
-            names = [ln.strip() for ln in f if ln.strip() and not ln.lstrip().startswith("#")]
+        with fs.open(path, "rb") as f:
+            raw = f.read()
+        try:
+            text = raw.decode("utf-8-sig")
+        except UnicodeDecodeError as exc:
+            raise ValueError(f"{src}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+        lines = [ln.strip() for ln in text.splitlines()]
+        names, skipped = _dedupe([ln for ln in lines if ln and not ln.startswith("#")])
         root = src.rsplit("/", 1)[0] if is_remote(src) else os.path.dirname(os.path.abspath(src))
-        return InputList(root=root, names=names, storage_options=storage_options)
+        return InputList(root=root, names=names, storage_options=storage_options,
+                         skipped=skipped)
     if not fs.exists(path):
         raise FileNotFoundError(f"input not found: {src}")
     if not fs.isdir(path):
         raise ValueError(f"input must be a folder or a .txt list: {src}")
+    if not is_remote(src):
+        root = os.path.abspath(src)
+        names, skipped = _walk_local(root, exts)
+        return InputList(root=root, names=names, storage_options=storage_options,
+                         skipped=skipped)
     base = path.rstrip("/")
-    names = sorted(
-        p[len(base) + 1:] for p in fs.find(base)
-        if p.lower().endswith(exts)
-    )
-    root = src.rstrip("/") if is_remote(src) else os.path.abspath(src)
-    return InputList(root=root, names=names, storage_options=storage_options)
+    found = fs.find(base, detail=True)
+    sizes = {p[len(base) + 1:]: (int(info.get("size") or 0),
+                                 str(info.get("LastModified") or info.get("mtime") or ""))
+             for p, info in found.items() if p.lower().endswith(exts)}
+    return InputList(root=src.rstrip("/"), names=sorted(sizes), storage_options=storage_options,
+                     sizes=sizes)
 
 
 def exists(url: str, storage_options: Mapping[str, Any] | None = None) -> bool:
@@ -134,8 +213,88 @@ def read_bytes(url: str, storage_options: Mapping[str, Any] | None = None) -> by
         return f.read()
 
 
+class BadFile(ValueError):
+    """A file that exists but cannot be understood (bad JSON, not UTF-8, wrong shape)."""
+
+
 def read_json(url: str, storage_options: Mapping[str, Any] | None = None) -> Any:
-    return json.loads(read_bytes(url, storage_options))
+    """Parsed JSON; a file that is not UTF-8 JSON is a ``BadFile`` error naming it."""
+    data = read_bytes(url, storage_options)
+    try:
+        return json.loads(data.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise BadFile(f"{url}: not UTF-8 ({exc.reason} at byte {exc.start})") from None
+    except json.JSONDecodeError as exc:
+        raise BadFile(f"{url}: not valid JSON ({exc.msg} at line {exc.lineno} "
+                      f"column {exc.colno})") from None
+
+
+def local_stat(url: str) -> tuple[int, int] | None:
+    """(size, mtime in ns) of a local file, or None when it is remote or missing."""
+    if is_remote(url):
+        return None
+    try:
+        st = os.stat(normalize(url))
+    except (OSError, ValueError):
+        return None
+    return st.st_size, st.st_mtime_ns
+
+
+# ---------------------------------------------------------------- output checks
+
+def with_path(exc: OSError, path: str) -> OSError:
+    """``exc`` naming ``path`` when it names no file (a failed write, e.g. a full disk)."""
+    if exc.filename is None and exc.errno is not None:
+        return type(exc)(exc.errno, exc.strerror or os.strerror(exc.errno), path)
+    return exc
+
+def _os_error(code: int, path: str) -> OSError:
+    return OSError(code, os.strerror(code), path)
+
+
+def _probe_folder(folder: str) -> None:
+    """Create and remove a file in ``folder``: the only test that root, ACLs, read-only
+    mounts and quotas all answer truthfully."""
+    try:
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".streamloc-probe-")
+    except OSError as exc:
+        raise OSError(exc.errno, exc.strerror, folder) from None
+    os.close(fd)
+    os.unlink(probe)
+
+
+def check_output_dir(url: str, storage_options: Mapping[str, Any] | None = None) -> None:
+    """Fail now, as ``OSError(path)``, when a local output folder cannot be written.
+
+    Checked before any work: a path under a regular file, a folder without write
+    permission, a read-only filesystem. Remote outputs are checked by their first write.
+    """
+    if is_remote(url):
+        return
+    path = os.path.abspath(normalize(url))
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise _os_error(errno.ENOTDIR, path)
+    probe = path
+    while not os.path.exists(probe):
+        parent = os.path.dirname(probe)
+        if parent == probe:
+            break
+        probe = parent
+    if not os.path.isdir(probe):
+        raise _os_error(errno.ENOTDIR, probe)
+    _probe_folder(probe)
+
+
+def check_output_file(url: str, storage_options: Mapping[str, Any] | None = None) -> None:
+    """Like ``check_output_dir`` for an output file: also refuses a path that is a folder."""
+    if is_remote(url):
+        if url.endswith("/"):
+            raise _os_error(errno.EISDIR, url)
+        return
+    path = os.path.abspath(normalize(url))
+    if os.path.isdir(path):
+        raise _os_error(errno.EISDIR, path)
+    check_output_dir(os.path.dirname(path))
 
 
 def makedirs(url: str, storage_options: Mapping[str, Any] | None = None) -> None:
@@ -163,9 +322,11 @@ def write_bytes_atomic(url: str, data: bytes,
             f.write(data)
         os.chmod(tmp, 0o644)
         os.replace(tmp, url)
-    except BaseException:
+    except BaseException as exc:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(exc, OSError):
+            raise with_path(exc, url) from None
         raise
 
 

@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import queue
+import socket
 import tarfile
 import threading
 import tempfile
@@ -20,13 +21,14 @@ from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
 from . import storage
-from .jpeg import CorruptImage, check_jpeg, resize_jpeg
+from .jpeg import DEFAULT_MAX_PIXELS, CorruptImage, TooLarge, check_jpeg, check_pixels, shrink_jpeg
 from .plan import Sample, ShardSpec
 from .sources import Item, Reject
 
 log = logging.getLogger(__name__)
 
 STATS_SUFFIX = ".stats.json"
+TMP_MARK = ".tmp-"
 
 
 class StrictReject(ValueError):
@@ -40,6 +42,7 @@ class WriteOptions:
     quality: int = 90
     strict: bool = False
     storage_options: Mapping[str, Any] | None = None
+    max_pixels: int | None = DEFAULT_MAX_PIXELS
 
 
 class _Sha256Thread:
@@ -102,47 +105,71 @@ def _json_bytes(obj: Any) -> bytes:
     return json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
 
 
-def _load_image(item: Item, opts: WriteOptions) -> bytes:
+def _load_image(item: Item, opts: WriteOptions) -> tuple[bytes, int | None]:
+    """(bytes to store, EXIF orientation applied to the pixels or None)."""
     data = storage.read_bytes(item.url, opts.storage_options)
     if opts.max_side:
-        return resize_jpeg(data, opts.max_side, opts.quality)
-    check_jpeg(data)
-    return data
+        out = shrink_jpeg(data, opts.max_side, opts.quality, opts.max_pixels)
+        return out.data, out.exif_orientation
+    check_pixels(check_jpeg(data), opts.max_pixels)
+    return data, None
 
 
-def _member_record(item: Item, key: str) -> dict:
+def _member_record(item: Item, key: str, exif_orientation: int | None = None) -> dict:
     rec = copy.copy(item.record)
     rec["key"] = key
+    if exif_orientation is not None:
+        # resize mode turned the pixels upright; the stored JPEG has no EXIF tag left
+        rec["exif_orientation_applied"] = exif_orientation
     return rec
+
+
+def temporary_name(shard_name: str) -> str:
+    """``.<shard>.tmp-<host>-<pid>``: a re-run can tell its own leftovers from a live run's."""
+    return f".{shard_name}{TMP_MARK}{socket.gethostname()}-{os.getpid()}"
+
+
+def remote_temp_dir(out_url: str) -> str:
+    """Local folder for the temporaries of a remote output: one per output URL, so a
+    re-run finds (and removes) what a killed run left there."""
+    digest = hashlib.sha1(out_url.rstrip("/").encode()).hexdigest()[:16]
+    return os.path.join(tempfile.gettempdir(), f"streamloc-convert-{digest}")
 
 
 def _sample_members(sample: Sample, opts: WriteOptions,
                     reject: Callable[[Item, str], None]) -> list[tuple[str, bytes]] | None:
     """The tar members of one sample, or None when nothing good is left in it."""
-    def load(item: Item) -> bytes | None:
+    def load(item: Item) -> tuple[bytes, int | None] | None:
         try:
             return _load_image(item, opts)
-        except (CorruptImage, OSError) as exc:
-            reject(item, str(exc) if isinstance(exc, CorruptImage) else f"unreadable: {exc}")
-            return None
+        except TooLarge as exc:
+            reject(item, TooLarge.reason, str(exc))
+        except CorruptImage as exc:
+            reject(item, str(exc))
+        except (OSError, ValueError) as exc:  # ValueError: a path Python cannot open
+            reject(item, f"unreadable: {exc}")
+        return None
 
     if opts.kind == "images":
         item = sample.images[0]
-        data = load(item)
-        if data is None:
+        loaded = load(item)
+        if loaded is None:
             return None
+        data, orientation = loaded
         return [(f"{sample.key}.jpg", data),
-                (f"{sample.key}.json", _json_bytes(_member_record(item, sample.key)))]
+                (f"{sample.key}.json",
+                 _json_bytes(_member_record(item, sample.key, orientation)))]
 
     members, images, queries = [], [], []
     for role, items, out, ext in (("img", sample.images, images, "img"),
                                   ("q", sample.queries, queries, "q")):
         for item in items:
-            data = load(item)
-            if data is None:
+            loaded = load(item)
+            if loaded is None:
                 continue
+            data, orientation = loaded
             i = len(out)
-            rec = _member_record(item, f"{sample.key}_{role}{i}")
+            rec = _member_record(item, f"{sample.key}_{role}{i}", orientation)
             if role == "q":
                 rec["place_id"] = sample.place_id
             out.append(rec)
@@ -166,19 +193,18 @@ def write_shard(spec: ShardSpec, out_url: str, opts: WriteOptions,
     """Write ``spec`` under ``out_url``; returns the stats also saved as ``.stats.json``."""
     rejects: list[Reject] = []
 
-    def reject(item: Item, reason: str) -> None:
+    def reject(item: Item, reason: str, detail: str = "") -> None:
         if opts.strict:
-            raise StrictReject(f"{item.record['source']}: {reason}")
-        log.warning("skipping %s: %s", item.record["source"], reason)
-        rejects.append(Reject(item.record["source"], reason, "write"))
+            raise StrictReject(f"{item.record['source']}: {reason}"
+                               + (f" ({detail})" if detail else ""))
+        log.warning("skipping %s: %s%s", item.record["source"], reason,
+                    f" ({detail})" if detail else "")
+        rejects.append(Reject(item.record["source"], reason, "write", detail))
 
     final = storage.join(out_url, spec.name)
-    if storage.is_remote(out_url):
-        fd, tmp = tempfile.mkstemp(prefix="streamloc-", suffix=".tar")
-        os.close(fd)
-    else:
-        os.makedirs(out_url, exist_ok=True)
-        tmp = storage.join(out_url, f".{spec.name}.tmp-{os.getpid()}")
+    folder = remote_temp_dir(out_url) if storage.is_remote(out_url) else storage.normalize(out_url)
+    os.makedirs(folder, exist_ok=True)
+    tmp = os.path.join(folder, temporary_name(spec.name))
     samples = images = 0
     try:
         with open(tmp, "wb") as raw:
@@ -195,9 +221,11 @@ def write_shard(spec: ShardSpec, out_url: str, opts: WriteOptions,
                 images += sum(1 for name, _ in members if name.endswith(".jpg"))
             tar.close()
         storage.put_file_atomic(tmp, final, opts.storage_options)
-    except BaseException:
+    except BaseException as exc:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(exc, OSError):
+            raise storage.with_path(exc, final) from None
         raise
     stats = {"shard": spec.name, "samples": samples, "images": images, "bytes": tar.size,
              "sha256": tar.sha256.hexdigest(),

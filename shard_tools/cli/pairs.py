@@ -9,6 +9,7 @@ from ..formats import parse_earthloc_name
 from ..ground_truth import mine_pairs
 from ..regions import outside_regions, resolve_regions
 from ..sources import read_records
+from .args import ExtendFlat, region_list
 
 log = logging.getLogger(__name__)
 
@@ -20,9 +21,9 @@ EXAMPLES = """\
   # names only: .txt lists of EarthLoc file names work, no image is opened
   python -m shard_tools pairs --database database_candidates.txt \\
       --queries queries_outside_test_regions.txt --min-iou 0.25 --output pairs_iou025.json
-  # exclude a region of your own (name:lat,lon,query_km,db_km)
+  # exclude a region of your own too (comma-separated; a spec is name:lat,lon,query_km,db_km)
   python -m shard_tools pairs --database db.txt --queries q.txt --min-iou 0.5 \\
-      --exclude-regions earthloc-test myval:48.8,2.3,800,1500 --output pairs.json
+      --exclude-regions earthloc-test,myval:48.8,2.3,800,1500 --output pairs.json
 
 The output maps each database path (as listed in SRC) to the sorted names of the
 queries whose IoU with it is strictly above --min-iou. IoU is computed on the
@@ -39,9 +40,11 @@ def add_arguments(p) -> None:
                    help="keep pairs with IoU strictly above this (default 0.5)")
     p.add_argument("--output", required=True, metavar="PAIRS.json",
                    help="output JSON path or URL")
-    p.add_argument("--exclude-regions", nargs="+", action="extend", default=[], metavar="REGION",
+    p.add_argument("--exclude-regions", type=region_list, nargs="+", action=ExtendFlat,
+                   default=[], metavar="R,R",
                    help="drop queries whose footprint centre lies within a region's query "
-                        "radius: names (alps, ..., earthloc-test) or name:lat,lon,query_km,db_km")
+                        "radius: comma-separated names (alps, ..., earthloc-test) or "
+                        "name:lat,lon,query_km,db_km specs")
     p.add_argument("--storage-options", metavar="JSON", help="fsspec options for URLs")
 
 
@@ -50,6 +53,7 @@ def run(args) -> int:
         raise ValueError(f"--min-iou must be in [0, 1), got {args.min_iou}")
     opts = storage.parse_storage_options(args.storage_options)
     regions = resolve_regions(args.exclude_regions)
+    storage.check_output_file(args.output, opts)  # before the work, not after it
     db = read_records(args.database, parse_earthloc_name, "database", opts)
     queries = read_records(args.queries, parse_earthloc_name, "queries", opts)
     if regions:

@@ -44,14 +44,15 @@ def add_arguments(p) -> None:
 
 def run(args) -> int:
     opts = storage.parse_storage_options(args.storage_options)
+    if not (args.radius_m >= 0 and np.isfinite(args.radius_m)):
+        raise ValueError(f"--radius-m must be a finite number >= 0, got {args.radius_m}")
+    storage.check_output_file(args.output, opts)  # before the work, not after it
     if args.protocol == "apl":
         db = read_records(args.database, parse_earthloc_name, "database", opts)
         queries = read_records(args.queries, parse_earthloc_name, "queries", opts)
         positives = apl_positives_from_records(db, queries, progress=True)
         rule = "footprints intersect"
     else:
-        if not (args.radius_m >= 0 and np.isfinite(args.radius_m)):
-            raise ValueError(f"--radius-m must be a finite number >= 0, got {args.radius_m}")
         db = read_records(args.database, lambda n: parse_vpr_name(n, "database"), "database",
                           opts)
         queries = read_records(args.queries, lambda n: parse_vpr_name(n, "query"), "queries",

@@ -37,8 +37,10 @@ def test_parse_region_specs_and_errors():
                      (":1,2,3,4", "name")]:
         with pytest.raises(ValueError, match=msg):
             parse_region(bad)
-    with pytest.raises(ValueError, match="twice"):
+    with pytest.raises(ValueError, match="built-in region"):
         resolve_regions(["alps:1,2,3,4", "alps"])
+    with pytest.raises(ValueError, match="twice"):
+        resolve_regions(["mine:1,2,3,4", "mine:1,2,3,5"])
 
 
 def test_selection_by_nadir_centre_and_year():
