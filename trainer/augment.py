@@ -14,9 +14,11 @@ on its seed (exact resume), never on what was augmented before.
 from __future__ import annotations
 
 import difflib
+import math
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
+import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor
@@ -24,7 +26,7 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
-__all__ = ["AUGMENTATIONS", "Augmentation", "PerspectiveCropBorder", "build_augmentation",
+__all__ = ["AUGMENTATIONS", "Augmentation", "EarthLocGeometry", "PerspectiveCropBorder", "build_augmentation",
            "list_augmentations", "apply_grouped", "IMAGENET_MEAN", "IMAGENET_STD"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -78,6 +80,89 @@ class PerspectiveCropBorder(v2.Transform):
         return self.transform(inpt, params)
 
 
+def _homography(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
+    """The 3x3 projective map taking the 4 points ``src`` to ``dst``."""
+    a, b = [], []
+    for (x, y), (u, v) in zip(src, dst):
+        a.append([x, y, 1, 0, 0, 0, -u * x, -u * y])
+        a.append([0, 0, 0, x, y, 1, -v * x, -v * y])
+        b += [u, v]
+    h = np.linalg.solve(np.asarray(a, np.float64), np.asarray(b, np.float64))
+    return np.append(h, 1.0).reshape(3, 3)
+
+
+class EarthLocGeometry(v2.Transform):
+    """EarthLoc's geometry in one resampling: load at ``base`` px, RandomRotation(degrees),
+    RandomCrop(crop), random perspective with its black border cropped, resize to ``size``.
+
+    The parameters are drawn as the five separate steps would draw them; the maps
+    are then composed into one projective transform from the output pixel to the
+    source pixel, so the image is resampled once (at the output size) instead of
+    five times at ``base`` px. PIL images only.
+    """
+
+    def __init__(self, size: tuple[int, int], base: int, crop: int, degrees: float = 45.0,
+                 distortion_scale: float = 0.5) -> None:
+        super().__init__()
+        self.size, self.base, self.crop = tuple(size), int(base), int(crop)
+        self.degrees, self.distortion_scale = float(degrees), float(distortion_scale)
+
+    def make_params(self, flat_inputs: list) -> dict:
+        h, w = v2.functional.get_size(flat_inputs[0])
+        angle = float(torch.empty(1).uniform_(-self.degrees, self.degrees).item())
+        scale = self.base / min(h, w)                     # Resize(base): the short side
+        bh, bw = round(h * scale), round(w * scale)
+        c = self.crop
+        top = int(torch.randint(0, max(bh - c, 0) + 1, (1,)).item())
+        left = int(torch.randint(0, max(bw - c, 0) + 1, (1,)).item())
+        torch.rand(1)                                     # RandomPerspective's p draw
+        d, half = self.distortion_scale, c // 2
+        r = lambda: int(torch.randint(0, int(d * half) + 1, (1,)).item())  # noqa: E731
+        tl, tr = [r(), r()], [c - 1 - r(), r()]
+        br, bl = [c - 1 - r(), c - 1 - r()], [r(), c - 1 - r()]
+        return {"angle": angle, "scale": scale, "based": (bh, bw), "top": top, "left": left,
+                "end": [tl, tr, br, bl]}
+
+    def _get_params(self, flat_inputs: list) -> dict:   # torchvision < 0.21
+        return self.make_params(flat_inputs)
+
+    def matrix(self, params: dict) -> np.ndarray:
+        """Output pixel (x, y, 1) -> source pixel (x, y, w), as a 3x3 matrix."""
+        H, W = self.size
+        c = self.crop
+        tl, tr, br, bl = params["end"]
+        left, right = max(tl[0], bl[0]), min(tr[0], br[0])
+        top, bottom = max(tl[1], tr[1]), min(bl[1], br[1])
+        # output -> the border-free box inside the warped crop
+        out_to_box = np.array([[(right - left + 1) / W, 0, left], [0, (bottom - top + 1) / H, top],
+                               [0, 0, 1]], np.float64)
+        # warped crop -> crop (the inverse of the perspective start -> end)
+        corners = np.array([[0, 0], [c - 1, 0], [c - 1, c - 1], [0, c - 1]], np.float64)
+        warp_inv = _homography(np.asarray(params["end"], np.float64), corners)
+        crop_to_rot = np.array([[1, 0, params["left"]], [0, 1, params["top"]], [0, 0, 1]], np.float64)
+        bh, bw = params["based"]
+        cx, cy = bw / 2, bh / 2
+        a = math.radians(params["angle"])
+        ca, sa = math.cos(a), math.sin(a)
+        rot_inv = np.array([[ca, -sa, cx - ca * cx + sa * cy], [sa, ca, cy - sa * cx - ca * cy],
+                            [0, 0, 1]], np.float64)
+        s = 1.0 / params["scale"]
+        based_to_src = np.array([[s, 0, 0], [0, s, 0], [0, 0, 1]], np.float64)
+        return based_to_src @ rot_inv @ crop_to_rot @ warp_inv @ out_to_box
+
+    def transform(self, inpt, params: dict):
+        if not isinstance(inpt, Image.Image):
+            raise TypeError("EarthLocGeometry takes PIL images (decode with shard_tools.jpeg)")
+        m = self.matrix(params)
+        m = m / m[2, 2]
+        H, W = self.size
+        return inpt.transform((W, H), Image.Transform.PERSPECTIVE, tuple(m.flatten()[:8]),
+                              Image.Resampling.BILINEAR)
+
+    def _transform(self, inpt, params: dict):
+        return self.transform(inpt, params)
+
+
 @dataclass(frozen=True)
 class Augmentation:
     """A preset built for one output size.
@@ -106,6 +191,20 @@ def _earthloc(size: tuple[int, int], brightness: float = 0.9, contrast: float = 
     base = round(side * 800 / 700)            # EarthLoc's 800 px load, at the output's scale
     crop = round(base * 700 / 800)            # RandomCrop(700) at the same scale
     t = v2.Compose([
+        EarthLocGeometry(size, base, crop, degrees=45, distortion_scale=0.5),
+        v2.ColorJitter(brightness=brightness, contrast=contrast, saturation=saturation),
+        *_finish(),
+    ])
+    return Augmentation("earthloc", t, base, grouped=True)
+
+
+def _earthloc_steps(size: tuple[int, int], brightness: float = 0.9, contrast: float = 0.9,
+                    saturation: float = 0.9) -> Augmentation:
+    """``earthloc`` as five separate resamplings (the reference the fused preset follows)."""
+    side = max(size)
+    base = round(side * 800 / 700)
+    crop = round(base * 700 / 800)
+    t = v2.Compose([
         v2.Resize(base, interpolation=BILINEAR, antialias=True),
         v2.RandomRotation(45, interpolation=BILINEAR),
         v2.RandomCrop(crop, pad_if_needed=True),
@@ -114,7 +213,7 @@ def _earthloc(size: tuple[int, int], brightness: float = 0.9, contrast: float = 
         v2.ColorJitter(brightness=brightness, contrast=contrast, saturation=saturation),
         *_finish(),
     ])
-    return Augmentation("earthloc", t, base, grouped=True)
+    return Augmentation("earthloc-steps", t, base, grouped=True)
 
 
 def _earthloc_query(size: tuple[int, int]) -> Augmentation:
@@ -137,6 +236,7 @@ def _none(size: tuple[int, int]) -> Augmentation:
 AUGMENTATIONS: dict[str, Callable[..., Augmentation]] = {
     "earthloc": _earthloc,
     "earthloc-query": _earthloc_query,
+    "earthloc-steps": _earthloc_steps,
     "gsv": _gsv,
     "none": _none,
 }
