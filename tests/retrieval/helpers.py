@@ -1,0 +1,51 @@
+"""Helpers shared by the retrieval tests (imported as ``tests.retrieval.helpers``)."""
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from conftest import PYTHON, REPO, run_env
+
+TINY_MODEL = {"backbone": "resnet18", "image_size": 32, "aggregator": {"name": "gem"},
+              "projection_dim": 16}
+
+
+def tiny_encoder(seed: int = 0):
+    from trainer.models import build_model
+
+    torch.manual_seed(seed)
+    return build_model(TINY_MODEL).eval()
+
+
+def unit_rows(n: int, d: int, seed: int = 0) -> np.ndarray:
+    x = np.random.default_rng(seed).normal(size=(n, d)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def run_cli(*args, env=None, cwd=None, timeout=300) -> subprocess.CompletedProcess:
+    return subprocess.run([PYTHON, "-m", "retrieval", *map(str, args)], capture_output=True,
+                          text=True, env=env or run_env(), cwd=cwd or REPO, timeout=timeout)
+
+
+def convert(src: Path, dst: Path, fmt: str = "earthloc", shard_size: int = 4) -> Path:
+    proc = subprocess.run([PYTHON, "-m", "shard_tools", "convert", "--format", fmt, "--kind",
+                           "images", "--input", str(src), "--output", str(dst), "--shard-size",
+                           str(shard_size), "--no-progress"], capture_output=True, text=True,
+                          env=run_env())
+    assert proc.returncode == 0, proc.stderr
+    return dst
+
+
+def has_bluemarble() -> bool:
+    try:
+        from shard_tools.bluemarble import find_bluemarble
+
+        find_bluemarble()
+        return True
+    except FileNotFoundError:
+        return False
+
+
