@@ -41,6 +41,7 @@ class SlurmCluster:
         self.root = root
         self.conf = root / "slurm.conf"
         self.procs: list[subprocess.Popen] = []
+        self.munged_pid: int | None = None   # set only when this cluster started munged
         self.env = dict(os.environ, SLURM_CONF=str(self.conf))
 
     def _write_conf(self) -> None:
@@ -88,6 +89,12 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP OverSubscrib
             os.makedirs(d, exist_ok=True)
             shutil.chown(d, "munge", "munge")
         subprocess.run(["runuser", "-u", "munge", "--", _which("munged")], check=True)
+        pidfile = Path("/run/munge/munged.pid")
+        deadline = time.time() + 10
+        while not pidfile.exists() and time.time() < deadline:
+            time.sleep(0.1)
+        if pidfile.exists():
+            self.munged_pid = int(pidfile.read_text().split()[0])
 
     def start(self, timeout: float = 60) -> "SlurmCluster":
         self._write_conf()
@@ -116,6 +123,20 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP OverSubscrib
             except subprocess.TimeoutExpired:
                 p.kill()
         self.procs.clear()
+        if self.munged_pid is not None:   # stop the munged we started, by its PID
+            try:
+                os.kill(self.munged_pid, 15)
+            except ProcessLookupError:
+                pass
+            self.munged_pid = None
+
+    def submit(self, *args: str, cwd: Path | None = None, env: dict | None = None) -> str:
+        """Submit without waiting; returns the job id (for ``--dependency=afterok:ID``)."""
+        proc = subprocess.run(["sbatch", "--parsable", *args], env={**self.env, **(env or {})},
+                              cwd=cwd, capture_output=True, text=True, timeout=60)
+        if proc.returncode != 0:
+            raise RuntimeError(f"sbatch failed: {proc.stderr.strip()}")
+        return proc.stdout.strip().split(";")[0]
 
     def sbatch(self, *args: str, cwd: Path | None = None, env: dict | None = None,
                timeout: float = 300) -> subprocess.CompletedProcess:
