@@ -1,0 +1,148 @@
+"""Embedding shards: layout, rotations, float16, rank split, SIGKILL + resume, bad input."""
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import PYTHON, REPO, run_env, write_jpegs
+from retrieval import Embeddings, embed_shards, load_views
+from tests.retrieval.helpers import convert, run_cli, tiny_encoder
+
+
+def test_layout_records_and_normalised_rows(tile_shards, tmp_path):
+    enc = tiny_encoder()
+    out = tmp_path / "emb"
+    stats = embed_shards(enc, str(tile_shards), str(out), (32, 32), rotations=(0, 90),
+                         dtype="float16", progress=False)
+    assert stats.complete and stats.images == 24 and stats.rows == 48
+    meta = json.loads((out / "embeddings.json").read_text())
+    assert meta["dim"] == 16 and meta["dtype"] == "float16" and meta["rotations"] == [0, 90]
+    assert meta["rows"] == 48 and len(meta["shards"]) == 6 == len(meta["shard_rows"])
+    first = np.load(out / f"{meta['shards'][0]}.npy")
+    assert first.dtype == np.float16 and first.shape == (8, 16)
+    emb = Embeddings.open(str(out))
+    rows = emb.all()
+    assert np.allclose(np.linalg.norm(rows, axis=1), 1.0, atol=2e-3)
+    recs = emb.records
+    assert [r["rotation"] for r in recs[:4]] == [0, 90, 0, 90]        # image-major
+    assert recs[0]["key"] == recs[1]["key"] != recs[2]["key"]
+    assert recs[0]["footprint"] and recs[0]["image_id"]                 # the shard's record
+    assert emb.image_of_row.tolist()[:6] == [0, 0, 1, 1, 2, 2]
+    # float16 storage is the float32 result rounded
+    out32 = tmp_path / "emb32"
+    embed_shards(enc, str(tile_shards), str(out32), (32, 32), rotations=(0, 90), progress=False)
+    full = Embeddings.open(str(out32)).all()
+    assert np.allclose(full, rows, atol=1e-3) and not np.array_equal(full, rows)
+    assert os.path.getsize(out / f"{meta['shards'][0]}.npy") < \
+        os.path.getsize(out32 / f"{meta['shards'][0]}.npy")
+
+
+def test_rotation_is_counter_clockwise_and_lossless():
+    rng = np.random.default_rng(0)
+    a = rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)
+
+    def png(arr):
+        buf = io.BytesIO()
+        Image.fromarray(arr).save(buf, format="PNG")
+        return buf.getvalue()
+
+    for deg, k in ((90, 1), (180, 2), (270, 3)):
+        rotated = load_views(png(a), (40, 40), (deg,))[0]
+        reference = load_views(png(np.ascontiguousarray(np.rot90(a, k))), (40, 40), (0,))[0]
+        assert np.array_equal(rotated.numpy(), reference.numpy()), deg
+
+
+def test_ranks_take_disjoint_shards_and_together_equal_one_process(tile_shards, tmp_path):
+    enc = tiny_encoder()
+    one, two = tmp_path / "one", tmp_path / "two"
+    embed_shards(enc, str(tile_shards), str(one), (32, 32), progress=False)
+    s0 = embed_shards(enc, str(tile_shards), str(two), (32, 32), rank=0, world_size=2,
+                      progress=False)
+    s1 = embed_shards(enc, str(tile_shards), str(two), (32, 32), rank=1, world_size=2,
+                      progress=False)
+    assert not set(s0.written) & set(s1.written)
+    assert len(s0.written) + len(s1.written) == 6
+    assert not s0.complete and s1.complete            # the last one writes embeddings.json
+    a, b = Embeddings.open(str(one)), Embeddings.open(str(two))
+    assert np.allclose(a.all(), b.all(), atol=1e-6) and list(a.keys) == list(b.keys)
+
+
+def test_other_arguments_are_refused(tile_shards, tmp_path):
+    enc = tiny_encoder()
+    embed_shards(enc, str(tile_shards), str(tmp_path), (32, 32), progress=False)
+    with pytest.raises(ValueError, match="rotations"):
+        embed_shards(enc, str(tile_shards), str(tmp_path), (32, 32), rotations=(0, 90),
+                     progress=False)
+
+
+def test_cli_bad_inputs_are_one_line(tile_shards, encoder_dir, tmp_path):
+    # a missing shard
+    broken = tmp_path / "broken"
+    convert(tile_shards.parent / "db", broken, shard_size=4)
+    os.unlink(broken / "images-000002.tar")
+    proc = run_cli("embed", "--model", encoder_dir, "--shards", broken, "--output",
+                   tmp_path / "e1", "--no-progress")
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith(
+        "error: shard missing") and "images-000002.tar" in proc.stderr
+    # an encoder file that does not load
+    bad = tmp_path / "bad-encoder"
+    bad.mkdir()
+    (bad / "config.json").write_text("{not json")
+    (bad / "model.safetensors").write_bytes(b"garbage")
+    proc = run_cli("embed", "--model", bad, "--shards", tile_shards, "--output", tmp_path / "e2")
+    last = proc.stderr.strip().splitlines()[-1]
+    assert proc.returncode == 2 and last.startswith("error: cannot load encoder")
+    assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.slow
+def test_embed_sigkilled_then_resumed(tmp_path):
+    """A real SIGKILL mid-run; the re-run skips complete shards and finishes the rest."""
+    from trainer.models import build_model, save_encoder
+
+    import torch
+    torch.manual_seed(1)
+    save_encoder(build_model({"backbone": "resnet18", "image_size": 96,
+                              "aggregator": {"name": "gem"}}), tmp_path / "enc")
+    names = [f"img{i:03d}/x.jpg" for i in range(24)]
+    write_jpegs(tmp_path / "src", names, size=(96, 96))
+    listing = tmp_path / "src" / "list.csv"
+    listing.write_text("path,lat,lon,place_id\n" + "".join(
+        f"{n},{10 + i * 0.01},{20 + i * 0.01},{i}\n" for i, n in enumerate(names)))
+    shards = tmp_path / "shards"
+    proc = subprocess.run([PYTHON, "-m", "shard_tools", "convert", "--format", "csv", "--kind",
+                           "images", "--input", str(listing), "--output", str(shards),
+                           "--shard-size", "1", "--no-progress"], capture_output=True, text=True,
+                          env=run_env())
+    assert proc.returncode == 0, proc.stderr
+    out = tmp_path / "emb"
+    args = [PYTHON, "-m", "retrieval", "embed", "--model", str(tmp_path / "enc"), "--shards",
+            str(shards), "--output", str(out), "--rotations", "0,90,180,270", "--batch-size",
+            "1", "--no-progress"]
+    victim = subprocess.Popen(args, env=run_env(), cwd=REPO, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list(out.glob("*.npy"))) < 3:
+        time.sleep(0.01)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    done = {p.name: p.stat().st_mtime_ns for p in out.glob("*.npy")}
+    assert 3 <= len(done) < 24, len(done)
+    assert not (out / "embeddings.json").exists()
+    with pytest.raises(FileNotFoundError, match="incomplete"):
+        Embeddings.open(str(out))
+    proc = subprocess.run(args, env=run_env(), cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert f"{len(done)} already done" in proc.stdout
+    assert {p.name: p.stat().st_mtime_ns for p in out.glob("*.npy") if p.name in done} == done
+    emb = Embeddings.open(str(out))
+    assert len(emb) == 24 * 4 and len(set(emb.keys)) == 24
+    assert np.allclose(np.linalg.norm(emb.all(), axis=1), 1.0, atol=1e-5)
