@@ -219,6 +219,28 @@ def _raise_terminated(signum, frame) -> None:
     raise Terminated()
 
 
+_WRITING = False
+
+
+def _worker_sigterm(signum, frame) -> None:
+    """In a worker: abandon the shard being written (its temporary is removed on the way
+    out), or exit quietly when idle."""
+    if _WRITING:
+        raise Terminated()
+    os._exit(128 + signum)
+
+
+def _write_shard_in_worker(spec, out_url, opts) -> dict:
+    global _WRITING
+    _WRITING = True
+    try:
+        return write_shard(spec, out_url, opts)   # removes its temporary on any exception
+    except Terminated:
+        os._exit(128 + signal.SIGTERM)            # stopped by the parent, or orphaned
+    finally:
+        _WRITING = False
+
+
 def _worker_init(parent_pid: int) -> None:
     """Workers die with their parent, even when it is SIGKILLed.
 
@@ -226,7 +248,7 @@ def _worker_init(parent_pid: int) -> None:
     SIGTERM raises in the worker, so ``write_shard`` removes its temporary.
     Elsewhere a thread polls the parent's PID.
     """
-    signal.signal(signal.SIGTERM, _raise_terminated)
+    signal.signal(signal.SIGTERM, _worker_sigterm)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides; it stops us by SIGTERM
     if sys.platform.startswith("linux"):
         try:
@@ -256,8 +278,9 @@ def _watch_parent(parent_pid: int) -> None:
 
 
 def _stop_workers(pool: ProcessPoolExecutor) -> None:
-    """SIGTERM every worker (each removes its temporary) and wait for them."""
-    procs = list(getattr(pool, "_processes", {}).values())
+    """SIGTERM every worker (each removes its temporary), then shut the pool down."""
+    procs = list((getattr(pool, "_processes", None) or {}).values())
+    pool.shutdown(wait=False, cancel_futures=True)
     for p in procs:
         if p.is_alive():
             p.terminate()
@@ -327,7 +350,8 @@ def _convert_locked(cfg: ConvertConfig, plan: planning.Plan, span: range, task_i
             pool = ProcessPoolExecutor(cfg.workers, mp_context=ctx, initializer=_worker_init,
                                        initargs=(os.getpid(),))
             try:
-                futures = {pool.submit(write_shard, spec, cfg.output, opts): spec for spec in todo}
+                futures = {pool.submit(_write_shard_in_worker, spec, cfg.output, opts): spec
+                           for spec in todo}
                 pending = set(futures)
                 while pending:
                     finished, pending = wait(pending, return_when=FIRST_EXCEPTION)
@@ -337,7 +361,6 @@ def _convert_locked(cfg: ConvertConfig, plan: planning.Plan, span: range, task_i
                         rejects += len(st["rejects"])
                         bar.update(futures[fut].num_images)
             except BaseException:
-                pool.shutdown(wait=False, cancel_futures=True)
                 _stop_workers(pool)
                 raise
             finally:

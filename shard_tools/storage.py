@@ -125,14 +125,12 @@ def _walk_local(base: str, exts: tuple[str, ...]) -> tuple[list[str], list[tuple
             name = f"{rel}/{entry.name}" if rel else entry.name
             try:
                 is_dir = entry.is_dir(follow_symlinks=True)
-                is_file = entry.is_file(follow_symlinks=True)
             except OSError:
-                is_dir = is_file = False
+                is_dir = False
             if is_dir:
                 walk(entry.path, name)
-            elif is_file:
-                if entry.name.lower().endswith(exts):
-                    names.append(name)
+            elif entry.name.lower().endswith(exts) and os.path.exists(entry.path):
+                names.append(name)   # not only regular files: a FIFO is read (or rejected) too
             elif entry.is_symlink() and not os.path.exists(entry.path):
                 skipped.append((name, "broken symlink", f"-> {os.readlink(entry.path)}"))
 

@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import queue
+import signal
 import socket
 import tarfile
 import threading
@@ -56,6 +57,8 @@ class _Sha256Thread:
         self._thread.start()
 
     def _run(self) -> None:
+        # signals go to the main thread, so that SIGTERM interrupts a blocked read there
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
         while (chunk := self._queue.get()) is not None:
             self._hash.update(chunk)
 

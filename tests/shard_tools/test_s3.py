@@ -114,3 +114,44 @@ def test_convert_from_s3_input_with_storage_options(s3_env, s3_server, tmp_path,
     urls = webdataset_urls(dst, json.loads(opts))
     got = [json.loads(s["json"])["source"] for s in wds.WebDataset(urls, shardshuffle=False)]
     assert sorted(got) == sorted(names)
+
+
+def test_killed_s3_runs_leave_no_temporary_behind(s3_env, tmp_path):
+    """Issue 11, item 13: a killed run's local temporary of an S3 shard is removed by the
+    re-run (temporaries live in a folder of the output's own, named by host and PID)."""
+    import os
+    import signal
+    from conftest import REPO, run_env
+
+    root = tmp_path / "earthloc"
+    names = sorted(make_earthloc_tree(root, TEST_TILES))
+    blocker = root / names[13]                       # shard 2 at --shard-size 5
+    good = blocker.read_bytes()
+    blocker.unlink()
+    os.mkfifo(blocker)
+    tmpdir = tmp_path / "tmp"
+    tmpdir.mkdir()
+    env = dict(run_env(), TMPDIR=str(tmpdir))
+    cmd = [PYTHON, "-m", "shard_tools", "convert", "--format", "earthloc", "--kind", "images",
+           "--input", str(root), "--output", "s3://streamloc-test/issue11-tmp",
+           "--shard-size", "5", "--no-progress"]
+
+    def files() -> list:
+        return [p for p in tmpdir.rglob("*") if p.is_file()]
+
+    for _ in range(2):                               # two killed runs
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+        try:
+            deadline = time.time() + 60
+            while time.time() < deadline and not any(".tmp-" in p.name for p in files()):
+                time.sleep(0.05)
+        finally:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+    assert any(".tmp-" in p.name for p in files())   # what a killed run leaves
+    blocker.unlink()
+    blocker.write_bytes(good)
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert files() == []
