@@ -46,7 +46,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from shard_tools import reader, storage
 from shard_tools.jpeg import CorruptImage, check_jpeg, decode_jpeg
 
-from .augment import Augmentation, apply_grouped, build_augmentation, list_augmentations
+from .augment import Augmentation, apply_grouped, build_augmentation
 from .models.config import check_keys, image_hw
 
 __all__ = ["DataConfig", "Batch", "TrainData", "build_train_data", "EpochPlan", "plan_epoch",

@@ -10,7 +10,6 @@ import collections
 import io
 import json
 import logging
-import math
 import tarfile
 from pathlib import Path
 
