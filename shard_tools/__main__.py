@@ -51,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
                "  python -m shard_tools convert --format earthloc --kind images \\\n"
                "      --input data/database --output shards/db\n"
                "  python -m shard_tools verify shards/db\n"
-               "  python -m shard_tools <command> --help",
+               "  python -m shard_tools pairs --help   # every command has its own examples",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     parser.add_argument("--version", action="version", version=f"%(prog)s {version()}")
