@@ -13,7 +13,8 @@ from typing import Any, Iterable, Sequence
 from torch import Tensor, nn
 
 from .config import image_hw
-from .weights import fetch_or_fail, is_weights_file, load_checked, read_state_dict, select_prefix
+from .weights import (fetch_or_fail, guard_timm_download, guard_url_download, is_weights_file,
+                      load_checked, read_state_dict, select_prefix)
 
 __all__ = [
     "BACKBONES",
@@ -115,6 +116,7 @@ class ResNetBackbone(nn.Module):
                 f"unknown pretrained weights '{pretrained}' for {self.name} "
                 f"(use true, one of {', '.join(enum.__members__)}, or a local file)"
             )
+        guard_url_download(enum[tag].url, f"{self.name} ({tag})")
         state = fetch_or_fail(f"{self.name} ({tag})", lambda: enum[tag].get_state_dict(progress=False))
         self.load_state_dict(self._drop_unused(state), strict=True)
 
@@ -175,7 +177,8 @@ class DinoV2Backbone(nn.Module):
         if pretrained and not is_weights_file(pretrained):
             hub = str(pretrained)
             model_name = arch if pretrained is True else (hub if hub.startswith("hf-hub:") else f"{arch}.{hub}")
-            self.model = fetch_or_fail(model_name, lambda: timm.create_model(model_name, pretrained=True, **kwargs))
+            run = guard_timm_download(model_name)
+            self.model = run(lambda: timm.create_model(model_name, pretrained=True, **kwargs))
         else:
             self.model = timm.create_model(arch, pretrained=False, **kwargs)
             if pretrained:

@@ -20,7 +20,16 @@ __all__ = [
     "describe_mismatch",
     "load_checked",
     "select_prefix",
+    "offline_requested",
+    "hub_timeout",
+    "ensure_reachable",
+    "guard_timm_download",
+    "guard_url_download",
 ]
+
+# A first try that says quickly whether the hub answers at all: offline nodes would
+# otherwise spend about a minute per preset in the hub client's retries.
+DEFAULT_HUB_TIMEOUT_S = 5.0
 
 
 WEIGHT_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".safetensors")
@@ -94,6 +103,119 @@ def fetch_or_fail(what: str, fetch: Callable[[], T]) -> T:
             f"could not fetch pretrained weights for {what} ({_one_line(exc)}); "
             "when offline pass a local .pth/.safetensors file as `pretrained`, or pretrained: null"
         ) from None
+
+
+def offline_requested() -> bool:
+    """True when the user asked for no network: ``HF_HUB_OFFLINE`` (or
+    ``TRANSFORMERS_OFFLINE``) set to 1/true/yes/on, read at call time."""
+    value = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or ""
+    return value.strip().lower() in ("1", "true", "yes", "on")
+
+
+def hub_timeout() -> float:
+    """Seconds the reachability probe waits (``STREAMLOC_HUB_TIMEOUT``, default 5)."""
+    text = os.environ.get("STREAMLOC_HUB_TIMEOUT", "")
+    try:
+        return max(0.1, float(text)) if text else DEFAULT_HUB_TIMEOUT_S
+    except ValueError:
+        raise ValueError(f"STREAMLOC_HUB_TIMEOUT={text!r} is not a number of seconds") from None
+
+
+_OFFLINE_HINT = "pass a local .pth/.safetensors file as `pretrained`, or pretrained: null"
+
+
+def ensure_reachable(url: str, what: str) -> None:
+    """One HTTP HEAD with a short timeout; any HTTP answer (even 404) counts as online.
+
+    Raises ``RuntimeError`` (one line) when the host does not answer in time.
+    """
+    import urllib.error
+    import urllib.request
+
+    timeout = hub_timeout()
+    try:
+        urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=timeout).close()
+    except urllib.error.HTTPError:
+        return
+    except Exception as exc:  # URLError, timeout, refused, DNS
+        reason = getattr(exc, "reason", exc)
+        raise RuntimeError(
+            f"could not fetch pretrained weights for {what}: {url} could not be reached within "
+            f"{timeout:g} s ({_one_line(reason) if isinstance(reason, BaseException) else reason}); "
+            f"offline? set HF_HUB_OFFLINE=1 to fail at once, and {_OFFLINE_HINT}"
+        ) from None
+
+
+def _hf_cached(repo_id: str) -> bool:
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:
+        return False
+    for filename in ("model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin"):
+        hit = try_to_load_from_cache(repo_id, filename)
+        if isinstance(hit, str) and os.path.isfile(hit):
+            return True
+    return False
+
+
+def guard_timm_download(model_name: str) -> Callable[[Callable[[], T]], T]:
+    """Check, before timm downloads ``model_name``'s weights, that it can succeed quickly.
+
+    Cached weights load with the hub client in offline mode (no update check).
+    Otherwise ``HF_HUB_OFFLINE`` fails at once, and an unreachable hub fails after
+    one short probe instead of the client's retries. Returns a runner for the download.
+    """
+    repo_id = None
+    if model_name.startswith("hf-hub:"):
+        repo_id = model_name[len("hf-hub:"):].split("@")[0]
+    else:
+        try:
+            from timm.models import get_pretrained_cfg
+
+            cfg = get_pretrained_cfg(model_name)
+            repo_id = getattr(cfg, "hf_hub_id", None) if cfg is not None else None
+        except Exception:
+            repo_id = None
+    cached = bool(repo_id) and _hf_cached(repo_id)
+    if not cached:
+        if offline_requested():
+            raise RuntimeError(
+                f"could not fetch pretrained weights for {model_name}: HF_HUB_OFFLINE is set and "
+                f"{repo_id or model_name} is not in the local Hugging Face cache; {_OFFLINE_HINT}")
+        try:
+            from huggingface_hub import constants
+
+            endpoint = constants.ENDPOINT
+        except ImportError:
+            endpoint = "https://huggingface.co"
+        ensure_reachable(endpoint.rstrip("/") + "/api/models/" + (repo_id or ""), model_name)
+
+    def run(fetch: Callable[[], T]) -> T:
+        if not cached:
+            return fetch_or_fail(model_name, fetch)
+        from huggingface_hub import constants
+
+        old = constants.HF_HUB_OFFLINE
+        constants.HF_HUB_OFFLINE = True  # the cache is enough: no update check to time out
+        try:
+            return fetch_or_fail(model_name, fetch)
+        finally:
+            constants.HF_HUB_OFFLINE = old
+
+    return run
+
+
+def guard_url_download(url: str, what: str) -> None:
+    """torchvision-style downloads to ``torch.hub``'s checkpoint folder: nothing to check
+    when cached; otherwise fail at once when offline, or after one short probe."""
+    filename = os.path.basename(url.split("?")[0])
+    cached = os.path.join(torch.hub.get_dir(), "checkpoints", filename)
+    if os.path.isfile(cached):
+        return
+    if offline_requested():
+        raise RuntimeError(f"could not fetch pretrained weights for {what}: HF_HUB_OFFLINE is set "
+                           f"and {cached} is not cached; {_OFFLINE_HINT}")
+    ensure_reachable(url, what)
 
 
 def describe_mismatch(name: str, missing: list[str], unexpected: list[str], wrong: list[str] = ()) -> str:
