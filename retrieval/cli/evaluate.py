@@ -58,6 +58,19 @@ def add_arguments(p) -> None:
     add_common(p)
 
 
+def split_regions(text: str) -> list[str]:
+    """``alps,texas,paris:48.86,2.35,800,1500`` -> names and specs (a spec takes 4 numbers)."""
+    tokens = [t.strip() for t in text.split(",") if t.strip()]
+    out: list[str] = []
+    while tokens:
+        tok = tokens.pop(0)
+        if ":" in tok:
+            tok = ",".join([tok] + tokens[:3])
+            tokens = tokens[3:]
+        out.append(tok)
+    return out
+
+
 def _embed_both(args, rank: int, world: int) -> tuple[str, str]:
     from shard_tools import storage
 
@@ -109,7 +122,7 @@ def run(args) -> int:
     elif args.regions.strip() == "all":
         regions = []
     else:
-        regions = [r for r in args.regions.split(",") if r.strip()]
+        regions = split_regions(args.regions)
     if regions and args.protocol == "vpr":
         raise CommandError("--regions applies to apl only (vpr evaluates one database)")
     year = None if args.year in ("any", "all") else int(args.year)
