@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import json
 import logging
 import math
@@ -114,6 +115,15 @@ def set_train_mode(model: nn.Module, freeze_bn_stats: bool = True) -> None:
             params = list(m.parameters(recurse=False))
             if params and not any(p.requires_grad for p in params):
                 m.eval()
+
+
+def param_digest(model: nn.Module) -> str:
+    """sha256 of every parameter's values: equal on every rank while DDP keeps them in step."""
+    h = hashlib.sha256()
+    for name, p in sorted(model.named_parameters()):
+        h.update(name.encode())
+        h.update(p.detach().float().cpu().numpy().tobytes())
+    return h.hexdigest()
 
 
 def _sync_buffers(model: nn.Module) -> None:
@@ -371,6 +381,7 @@ class Trainer:
             log.warning("could not draw the batch grid: %s", exc)
 
     def fit(self) -> dict[str, Any]:
+        from accelerate.utils import gather_object
         from tqdm.auto import tqdm
 
         from .tracking import WindowMeter
@@ -459,6 +470,10 @@ class Trainer:
         bar.close()
         if acc.is_main_process:
             self._save_encoder("final", {"update": st.update, "epoch": st.epoch})
+        digest = param_digest(acc.unwrap_model(model))
+        digests = gather_object([digest]) if self.world > 1 else [digest]
+        if len(set(digests)) > 1:
+            log.error("parameters differ across ranks at the end of training: %s", digests)
         final = {"final/loss": last_loss}
         if st.best_metric is not None:
             final[f"final/best_{r.eval.metric}"] = st.best_metric
@@ -466,7 +481,8 @@ class Trainer:
                       if k.startswith("val/R@")})
         if self.tracker is not None:
             self.tracker.hparams(self.recipe.flat(), final)
-        self.summary = {"updates": st.update, "epochs": st.epoch, **final,
+        self.summary = {"updates": st.update, "epochs": st.epoch, "world_size": self.world,
+                        "param_sha256_by_rank": digests, **final,
                         **{k: v for k, v in self._throughput.items()}}
         if acc.is_main_process:
             storage.write_json_atomic(storage.join(self.run_dir, "summary.json"), self.summary)
