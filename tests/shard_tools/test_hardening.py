@@ -522,3 +522,16 @@ def test_11_gsv_cities_month_13_is_a_reject(tmp_path):
     assert manifest(out)["totals"]["images"] == 1
     reasons = [r["reason"] for r in rejects(out)]
     assert any("'month' is out of range [1, 12]" in r for r in reasons), reasons
+
+
+# ---------------------------------------------------------------- the documented known limit
+
+def test_known_limit_a_cut_jpeg_with_a_new_end_marker_passes_both_checks():
+    """Documented, not fixed: Pillow fills in a JPEG cut in half and given a new EOI, so
+    neither copy mode's marker check nor verify's full decode can tell. If this test
+    starts failing, the README's known limit can go."""
+    from shard_tools.jpeg import check_jpeg, decode_jpeg
+    whole = jpeg_bytes(5, (64, 64))
+    cut = whole[: len(whole) // 2] + b"\xff\xd9"
+    assert check_jpeg(cut) == (64, 64)
+    assert decode_jpeg(cut).size == (64, 64)
