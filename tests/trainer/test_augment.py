@@ -9,8 +9,10 @@ import torch
 from PIL import Image
 
 from shard_tools.jpeg import decode_jpeg
+from torchvision.transforms import v2
+
 from trainer.augment import (IMAGENET_MEAN, IMAGENET_STD, PerspectiveCropBorder, apply_grouped,
-                             build_augmentation, list_augmentations)
+                             build_augmentation, list_augmentations, normalize)
 
 
 def textured(size=(512, 512), seed=0) -> Image.Image:
@@ -28,27 +30,42 @@ def test_presets_are_listed_and_unknown_names_suggest():
 
 
 @pytest.mark.parametrize("name", ["earthloc", "earthloc-query", "gsv", "none"])
-def test_presets_give_normalised_tensors_of_the_model_size(name):
+def test_presets_give_uint8_tensors_of_the_model_size(name):
     aug = build_augmentation(name, (48, 64))
     out = aug(textured((200, 150)))
-    assert out.shape == (3, 48, 64) and out.dtype == torch.float32
+    assert out.shape == (3, 48, 64) and out.dtype == torch.uint8   # normalised after Batch.to()
+    assert normalize(out).dtype == torch.float32
     assert aug.decode_side >= 64
+
+
+def test_normalize_equals_torchvisions_to_dtype_then_normalize():
+    x = torch.randint(0, 256, (5, 3, 7, 9), dtype=torch.uint8)
+    old = v2.Compose([v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    want = torch.stack([old(im) for im in x])
+    got = normalize(x)
+    assert got.dtype == torch.float32 and (got - want).abs().max().item() <= 1e-6
+    assert normalize(got) is got                  # float input is already normalised
 
 
 def test_none_is_resize_then_imagenet_normalisation():
     im = Image.new("RGB", (40, 30), (255, 0, 128))
-    out = build_augmentation("none", 16)(im)
+    out = normalize(build_augmentation("none", 16)(im))
     want = (torch.tensor([255, 0, 128]) / 255 - torch.tensor(IMAGENET_MEAN)) / torch.tensor(IMAGENET_STD)
     assert torch.allclose(out[:, 8, 8], want.float(), atol=1e-4)
 
 
-def test_earthloc_decode_side_allows_a_draft_decode():
+@pytest.mark.parametrize("source, decoded", [((1024, 1024), (512, 512)),   # 1/4 would be 256 < 366
+                                             ((1600, 1200), (800, 600)),
+                                             ((1464, 1464), (366, 366)),   # 1/4 covers it exactly
+                                             ((3000, 2000), (750, 500)),
+                                             ((400, 300), (400, 300))])    # too small to scale
+def test_earthloc_decode_side_allows_a_draft_decode(source, decoded):
     aug = build_augmentation("earthloc", 320)
-    assert aug.decode_side == round(320 * 800 / 700)
+    assert aug.decode_side == round(320 * 800 / 700) == 366
     buf = io.BytesIO()
-    textured((1024, 1024)).save(buf, format="JPEG", quality=90)
+    textured(source).save(buf, format="JPEG", quality=90)
     im = decode_jpeg(buf.getvalue(), aug.decode_side)
-    assert im.size == (512, 512)         # DCT scale 1/2: just above what the preset needs
+    assert im.size == decoded            # the smallest DCT scale whose short side keeps >= 366 px
 
 
 def test_grouped_images_share_random_parameters():
@@ -73,11 +90,11 @@ def test_fused_earthloc_geometry_equals_the_five_steps():
     same, other = [], []
     for seed in range(6):
         torch.manual_seed(seed)
-        x = fused(im)
+        x = normalize(fused(im))
         torch.manual_seed(seed)
-        y = steps(im)
+        y = normalize(steps(im))
         torch.manual_seed(seed + 50)
-        z = steps(im)
+        z = normalize(steps(im))
         same.append((x - y).abs().mean().item())
         other.append((x - z).abs().mean().item())
     assert max(same) < 0.1 < min(other) / 2

@@ -145,6 +145,28 @@ def test_workers_give_the_inline_batches(even):
         workers.close()
 
 
+def test_batches_carry_uint8_and_to_normalises_as_the_old_float_path(even):
+    """Workers send uint8; Batch.to() gives what ToDtype(scale) + Normalize in the worker gave."""
+    from torchvision.transforms import v2
+
+    from trainer.augment import IMAGENET_MEAN, IMAGENET_STD
+
+    c = cfg(even, mine_queries=True, augment="earthloc")
+    td = build_train_data(c, 32, 0, 1)
+    try:
+        batch = next(iter(td.batches(0)))
+    finally:
+        td.close()
+    assert batch.images.dtype == torch.uint8 and batch.images.shape[1:] == (3, 32, 32)
+    old = v2.Compose([v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    want = torch.stack([old(im) for im in batch.images])
+    moved = batch.to("cpu")
+    assert moved.images.dtype == torch.float32
+    assert (moved.images - want).abs().max().item() <= 1e-6
+    assert torch.equal(moved.labels, batch.labels) and moved.keys == batch.keys
+    assert batch.images.dtype == torch.uint8          # the original batch is left as it was
+
+
 def test_fewer_shards_than_slots_resample_with_one_warning(tmp_path, caplog):
     shards = make_place_shards(tmp_path, TILES48[:12], 6)        # 2 shards, 2 ranks x 2 streams
     c = cfg(shards)
