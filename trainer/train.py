@@ -167,6 +167,7 @@ class Trainer:
         self.summary: dict[str, Any] = {}
         self._throughput: dict[str, float] = {}
         self._skipped_total = 0.0
+        self._lr_used = math.nan
 
     # -- construction
     def _accelerator(self):
@@ -436,6 +437,7 @@ class Trainer:
                         meter.add(k, float(v))
                 if r.train.clip_grad_norm:
                     acc.clip_grad_norm_(self.params, r.train.clip_grad_norm)
+                self._lr_used = optimizer.param_groups[0]["lr"]
                 optimizer.step()
                 if not getattr(optimizer, "step_was_skipped", False):
                     self.scheduler.step()
@@ -503,7 +505,7 @@ class Trainer:
         step_time = meter.total("time")
         values = {
             "train/loss": loss,
-            "train/lr": self.scheduler.get_last_lr()[0],
+            "train/lr": self._lr_used,
             "train/batch_acc": meter.mean("batch_acc"),
             "train/mined_pos": meter.mean("mined_pos"),
             "train/mined_neg": meter.mean("mined_neg"),
