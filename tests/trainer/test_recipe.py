@@ -1,0 +1,74 @@
+"""Recipes: every key and type checked, combinations refused, the resolved YAML round-trips."""
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from trainer.recipe import ConfigError, Recipe
+
+
+def full(**sections) -> dict:
+    out = {"model": {"backbone": "resnet18", "image_size": 32, "aggregator": {"name": "gem"}},
+           "data": {"train_shards": "x", "places_per_batch": 4}}
+    out.update(sections)
+    return out
+
+
+def test_yaml_exponents_are_floats_and_ints_stay_ints():
+    r = Recipe.from_dict(full(optim={"lr": "1e-4", "gamma": 1}, train={"epochs": 3}))
+    assert r.optim.lr == 1e-4 and isinstance(r.optim.gamma, float)
+    assert r.train.epochs == 3 and isinstance(r.train.epochs, int)
+
+
+@pytest.mark.parametrize("data, message", [
+    (full(optim={"lr": "fast"}), "optim.lr must be float, got 'fast'"),
+    (full(train={"epochs": 2.5}), "train.epochs must be int, got 2.5"),
+    (full(train={"freeze_bn_stats": "yes"}), "train.freeze_bn_stats must be bool"),
+    (full(eval={"ks": [1, "five"]}), "eval.ks must be list"),
+    (full(data={"places_per_batch": "many"}), "data.places_per_batch must be int"),
+    (full(model={"backbone": "resnet18", "image_size": "big"}), "model.image_size must be int | list"),
+    (full(optim={"optimiser": "adam"}), "unknown key 'optimiser' in section 'optim'; did you mean 'optimizer'?"),
+    (full(train={"precison": "bf16"}), "did you mean 'precision'?"),
+    (full(optim={"optimizer": "lamb"}), "optim.optimizer must be one of adam, adamw, sgd"),
+    (full(optim={"schedule": "multistep"}), "optim.schedule multistep needs optim.milestones"),
+    (full(train={"precision": "fp8"}), "train.precision must be one of fp32, bf16, fp16"),
+    (full(loss={"query_aware": True}), "loss.query_aware needs data.mine_queries"),
+    (full(eval={"database_shards": "db"}), "eval.database_shards and eval.query_shards go together"),
+    (full(eval={"metric": "R@3"}), "eval.metric R@3 needs 3 in eval.ks"),
+    (full(eval={"protocol": "vpr", "regions": ["alps"]}), "eval.regions apply to protocol apl only"),
+    (full(loss={"loss": {"name": "MultiSimilarityLos"}}), "did you mean 'multisimilarity'?"),
+    (full(model={"aggregator": {"name": "netvlad"}}), "model.aggregator"),
+    ({"model": {}, "trian": {}}, "unknown key 'trian' in the recipe (sections); did you mean 'train'?"),
+])
+def test_bad_recipes_fail_with_one_line(data, message):
+    with pytest.raises(ConfigError) as err:
+        Recipe.from_dict(data)
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_overrides_and_resolved_yaml_round_trip(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(full()))
+    r = Recipe.load(path, ["optim.lr=3e-4", "train.run_dir=s3://b/run", "data.mine_queries=true",
+                           "loss.query_aware=true", "eval.image_size=[48, 64]"])
+    assert r.optim.lr == 3e-4 and r.run_dir == "s3://b/run" and r.eval_image_size == (48, 64)
+    again = Recipe.from_dict(yaml.safe_load(r.to_yaml()))
+    assert again.to_dict() == r.to_dict()
+    assert Recipe.load(path).run_dir == "runs/r"        # default: runs/<recipe name>
+    flat = r.flat()
+    assert flat["optim.lr"] == 3e-4 and flat["model.aggregator"] == "{'name': 'gem'}"
+
+
+def test_missing_file_and_bad_override_are_config_errors(tmp_path):
+    with pytest.raises(ConfigError, match="config not found"):
+        Recipe.load(tmp_path / "nope.yaml")
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(full()))
+    with pytest.raises(ConfigError, match="is not section.key=value"):
+        Recipe.load(path, ["optim.lr"])
+
+
+def test_training_needs_shards():
+    r = Recipe.from_dict(full(data={"train_shards": None}))
+    with pytest.raises(ConfigError, match="data.train_shards is not set"):
+        r.require_training_data()
