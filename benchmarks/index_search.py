@@ -16,7 +16,8 @@ Three databases (``--scale 1`` = the full sizes: 1M x 256 database, 10k queries)
   region through the approximate index against Flat.
 
 For each: Flat (1 index) vs Flat in 4 shards (must be identical), a numpy matmul
-top-k baseline, IVF{nlist},Flat and IVF{nlist},PQ{m}x4fs (4-bit fast-scan PQ) at several nprobe: recall@1/10/100
+top-k baseline, IVF{nlist},Flat, IVF{nlist},PQ{m}x4fs (4-bit fast-scan PQ) and the same PQ with an
+exact re-ranking of its top-k (``,RFlat``) at several nprobe: recall@1/10/100
 against Flat's results, QPS, speed-up over Flat, bytes per vector, build time.
 The last line is JSON with ``best_speedup_at_r100_095`` (structured: best QPS ratio
 to Flat among configurations with recall@100 >= 0.95; goal >= 10) and
@@ -126,7 +127,8 @@ def run_set(name: str, db: np.ndarray, q: np.ndarray, nprobes, pq_m: int, rows: 
                             r1=overlap(np_ids, ref.ids, 1), r10=overlap(np_ids, ref.ids, 10),
                             r100=overlap(np_ids, ref.ids, 100), qps=len(q) / t_np,
                             speedup=t_flat / t_np, build_s=0.0))
-    for factory in (f"IVF{nlist},Flat", f"IVF{nlist},PQ{pq_m}x4fs"):
+    for factory in (f"IVF{nlist},Flat", f"IVF{nlist},PQ{pq_m}x4fs",
+                    f"IVF{nlist},PQ{pq_m}x4fs,RFlat"):
         t = time.perf_counter()
         ix = build_index(db, None, factory, 1, train_size=min(n, 64 * nlist), progress=False)
         build_s = time.perf_counter() - t
@@ -198,10 +200,10 @@ def main() -> int:
         info[name] = run_set(name, db, q, nprobes, args.pq, rows)
         del db, q
 
-    print(f"{'set':<11}{'config':<20}{'nprobe':>7}{'R@1':>7}{'R@10':>7}{'R@100':>7}"
+    print(f"{'set':<11}{'config':<26}{'nprobe':>7}{'R@1':>7}{'R@10':>7}{'R@100':>7}"
           f"{'QPS':>10}{'x Flat':>8}{'B/vec':>8}{'build s':>9}")
     for r in rows:
-        print(f"{r['set']:<11}{r['config']:<20}{str(r['nprobe']):>7}{r['r1']:>7.3f}{r['r10']:>7.3f}"
+        print(f"{r['set']:<11}{r['config']:<26}{str(r['nprobe']):>7}{r['r1']:>7.3f}{r['r10']:>7.3f}"
               f"{r['r100']:>7.3f}{r['qps']:>10.0f}{r['speedup']:>8.2f}{r['bytes_per_vector']:>8.0f}"
               f"{r['build_s']:>9.2f}")
     for name, v in info.items():

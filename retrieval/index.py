@@ -73,6 +73,13 @@ def ivf_of(index: faiss.Index):
         return None
 
 
+def takes_global_ids(index: faiss.Index) -> bool:
+    """IVF indexes (also behind a pre-transform) store global ids; a refine stage does not."""
+    if ivf_of(index) is None:
+        return False
+    return not isinstance(faiss.downcast_index(index), faiss.IndexRefine)
+
+
 def set_search_params(index: faiss.Index, nprobe: int | None = None,
                       ef_search: int | None = None) -> None:
     """nprobe for IVF, efSearch for HNSW (no-ops where they do not apply)."""
@@ -182,7 +189,7 @@ def build_shard(emb: Embeddings, trained: faiss.Index, start: int, stop: int,
                 progress: bool = False, desc: str = "index") -> IndexShard:
     """Rows ``[start, stop)`` added to a copy of ``trained``."""
     index = faiss.clone_index(trained)
-    global_ids = ivf_of(index) is not None
+    global_ids = takes_global_ids(index)
     index = _add_rows(index, emb, start, stop, global_ids, progress, desc)
     return IndexShard(index, None if global_ids else start, start, stop)
 
@@ -298,8 +305,7 @@ def build_index(embeddings: "Embeddings | str | np.ndarray", output: str | None 
     for i in numbers:
         if not 0 <= i < num_shards:
             raise ValueError(f"index shard {i} is not in [0, {num_shards})")
-    probe = new_index(emb.dim, factory)
-    global_ids = ivf_of(probe) is not None
+    global_ids = takes_global_ids(new_index(emb.dim, factory))
     meta = _index_meta(emb, factory, ranges, global_ids, train_size, seed)
     if output is None:
         trained = train_index(emb, factory, train_size, seed)
@@ -343,7 +349,7 @@ def merge_ondisk(root: str) -> str:
     with open(os.path.join(root, INDEX_META)) as f:
         meta = json.load(f)
     trained = faiss.read_index(os.path.join(root, TRAINED))
-    if ivf_of(trained) is None:
+    if not takes_global_ids(trained) or any(sh["offset"] is not None for sh in meta["shards"]):
         raise ValueError(f"--merge needs an IVF index, this one is {meta['factory']!r}")
     files = [os.path.join(root, s["file"]) for s in meta["shards"]]
     missing = [p for p in files if not os.path.exists(p)]
