@@ -57,7 +57,7 @@ class WindowMeter:
 def batch_grid(images: Tensor, labels: Tensor, is_query: Tensor, per_row: int,
                max_places: int = 8) -> Tensor:
     """``[3, H, W]`` uint8: one row per place (its database images, then its queries),
-    the place's label written in the first tile; ImageNet normalisation undone."""
+    the place's label written in the first tile; from uint8 or ImageNet-normalised input."""
     from PIL import Image, ImageDraw
     from torchvision.utils import make_grid
 
@@ -72,14 +72,18 @@ def batch_grid(images: Tensor, labels: Tensor, is_query: Tensor, per_row: int,
         rows += [i for i in range(len(labels)) if labels[i] == p and is_query[i]][:cols - len(rows)]
         for j in range(cols):
             if j < len(rows):
-                im = (images[rows[j]].detach().float().cpu() * std + mean).clamp(0, 1)
+                x = images[rows[j]].detach().cpu()
+                if x.is_floating_point():      # normalised: undo ImageNet's mean and std
+                    im = (x.float() * std + mean).clamp(0, 1)
+                else:                          # uint8 as the loader ships it
+                    im = x.float() / 255.0
                 if j == 0:
                     pil = Image.fromarray((im.permute(1, 2, 0).numpy() * 255).astype("uint8"))
                     ImageDraw.Draw(pil).text((2, 2), f"place {p}", fill=(255, 255, 0))
                     im = torch.from_numpy(np.asarray(pil).copy()).permute(2, 0, 1) / 255.0
                 tiles.append(im)
             else:
-                tiles.append(torch.zeros_like(images[0].float().cpu()))
+                tiles.append(torch.zeros(images.shape[1:], dtype=torch.float32))
     grid = make_grid(torch.stack(tiles), nrow=cols, padding=2)
     return (grid * 255).round().to(torch.uint8)
 
