@@ -4,6 +4,7 @@ Layout under the output folder::
 
     bluemarble.json                          arguments, counts, test regions (written first
                                              with "complete": false, last with true)
+    database-<year>.txt                      one year's tiles (relative paths), for convert
     database/<year>_<zoom:02d>/<round(lat,-1)>_<round(lon,-1)>/<EarthLoc tile name>
     queries/train/<EarthLoc query name>      nadir and footprint centre outside test regions
     queries/test/<EarthLoc query name>       nadir within a test region's query_km
@@ -309,9 +310,24 @@ def build(config: BlueMarbleConfig) -> dict:
             written += done
             bar.update(count)
     log.info("wrote %d images (%d were already there) under %s", written, total - written, root)
+    _write_year_lists(root, plan, config)
     content = summary(config, plan, complete=True)
     _write_summary(root, content)
     return content
+
+
+def year_list_name(year: int) -> str:
+    return f"database-{year}.txt"
+
+
+def _write_year_lists(root: Path, plan: Plan, config: BlueMarbleConfig) -> None:
+    """``database-<year>.txt``: one year's tiles, for ``convert --input`` (EarthLoc evaluates
+    against the 2021 tiles only; paths are relative to the list's folder)."""
+    for year in config.year_list():
+        lines = sorted(tile_record(t, year)["source"] for t in plan.tiles)
+        tmp = root / (year_list_name(year) + ".part")
+        tmp.write_text("".join(line + "\n" for line in lines))
+        os.replace(tmp, root / year_list_name(year))
 
 
 def _execute(tasks: list[tuple[str, list]], config: BlueMarbleConfig,

