@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 import pytest
 import yaml
 from PIL import Image
@@ -316,3 +317,29 @@ def test_s3_run_folder(tiny_data, tmp_path, s3_env):
         assert again.fit()["updates"] == 3
     finally:
         again.close()
+
+
+def test_grad_accumulation_clipping_and_frozen_parts(tiny_data, tmp_path):
+    """Updates of 2 batches (the epoch's last takes the odd one), clipped; conv1 stays frozen."""
+    from trainer.recipe import Recipe
+    from trainer.train import Trainer
+
+    data = recipe(tiny_data, tmp_path / "run", data={"steps_per_epoch": 3},
+                  train={"epochs": 2, "grad_accum": 2, "clip_grad_norm": 0.5,
+                         "checkpoint_every": None},
+                  eval={"database_shards": None, "query_shards": None},
+                  log={"tensorboard": False})
+    trainer = Trainer(Recipe.from_dict(data, name="accum"), progress=False)
+    try:
+        trainer.setup()
+        model = trainer.acc.unwrap_model(trainer.model)
+        conv1 = model.backbone.conv1.weight.detach().clone()
+        layer1 = model.backbone.layer1[0].conv1.weight.detach().clone()
+        summary = trainer.fit()
+    finally:
+        trainer.close()
+    assert summary["updates"] == 4 and summary["epochs"] == 2          # 2 x ceil(3 / 2)
+    assert [p.name for p in sorted((tmp_path / "run" / "checkpoints").iterdir())] == [
+        "latest.json", "step-000000002", "step-000000004"]                # epoch ends
+    assert torch.equal(model.backbone.conv1.weight, conv1)              # layers_to_freeze: 0
+    assert not torch.equal(model.backbone.layer1[0].conv1.weight, layer1)
