@@ -168,7 +168,7 @@ def embed_shard(encoder: nn.Module, url: str, image_size: tuple[int, int],
 
 def _write_atomic(path: str, write) -> None:
     folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".part")
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)

@@ -104,7 +104,7 @@ def shard_ranges(rows: int, num_shards: int) -> list[tuple[int, int]]:
 
 def _write_index_atomic(index: faiss.Index, path: str) -> None:
     folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".part")
     os.close(fd)
     try:
         faiss.write_index(index, tmp)

@@ -130,19 +130,20 @@ def test_embed_sigkilled_then_resumed(tmp_path):
     victim = subprocess.Popen(args, env=run_env(), cwd=REPO, stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
-    while time.time() < deadline and len(list(out.glob("*.npy"))) < 3:
+    while time.time() < deadline and len(list(out.glob("images-*.npy"))) < 3:
         time.sleep(0.01)
     victim.send_signal(signal.SIGKILL)
     victim.wait()
-    done = {p.name: p.stat().st_mtime_ns for p in out.glob("*.npy")}
+    done = {p.name: p.stat().st_mtime_ns for p in out.glob("images-*.npy")}
     assert 3 <= len(done) < 24, len(done)
     assert not (out / "embeddings.json").exists()
+    assert not [p for p in out.iterdir() if p.name.endswith(".npy") and p.name.startswith(".")]
     with pytest.raises(FileNotFoundError, match="incomplete"):
         Embeddings.open(str(out))
     proc = subprocess.run(args, env=run_env(), cwd=REPO, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert f"{len(done)} already done" in proc.stdout
-    assert {p.name: p.stat().st_mtime_ns for p in out.glob("*.npy") if p.name in done} == done
+    assert {p.name: p.stat().st_mtime_ns for p in out.glob("images-*.npy") if p.name in done} == done
     emb = Embeddings.open(str(out))
     assert len(emb) == 24 * 4 and len(set(emb.keys)) == 24
     assert np.allclose(np.linalg.norm(emb.all(), axis=1), 1.0, atol=1e-5)
