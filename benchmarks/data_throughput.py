@@ -15,6 +15,9 @@ preset, the same number of DataLoader workers for every contender:
 The time of each contender covers its workers' output reaching the main process,
 not the normalisation of (a) and (c), which a GPU does in the training step.
 
+All three run the same ``earthloc`` preset (OpenCV warp and ColorJitter when
+``opencv-python-headless`` is installed, Pillow otherwise; ``augment_backend`` in the JSON).
+
 Goals: a/b >= 1.5, a/c >= 0.85. Prints a table and one JSON line.
 """
 from __future__ import annotations
@@ -38,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from shard_tools.convert import ConvertConfig, convert  # noqa: E402
 from shard_tools.jpeg import decode_jpeg  # noqa: E402
-from trainer.augment import build_augmentation, normalize  # noqa: E402
+from trainer.augment import HAVE_CV2, build_augmentation, normalize  # noqa: E402
 from trainer.data import DataConfig, build_train_data  # noqa: E402
 
 YEARS = (2018, 2019, 2020, 2021)
@@ -191,6 +194,7 @@ def main() -> int:
     out = {
         "benchmark": "data_throughput",
         "workers": args.workers, "image_size": size, "source_side": args.side,
+        "augment_backend": "opencv" if HAVE_CV2 else "pillow",
         "images_per_s": {k: round(v, 1) for k, v in results.items()},
         "stream_vs_files": round(results["a_stream"] / results["b_files"], 3),
         "stream_vs_limit": round(results["a_stream"] / results["c_limit"], 3),
