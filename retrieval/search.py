@@ -117,16 +117,23 @@ def dedupe(result: SearchResult, group_of_id: np.ndarray, k: int) -> SearchResul
 
 # ---------------------------------------------------------------- distributed
 
+def _comm_device() -> torch.device:
+    """NCCL moves CUDA tensors only; gloo takes CPU tensors."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def _broadcast_array(x: np.ndarray | None, src: int = 0) -> np.ndarray:
-    rank = dist.get_rank()
-    shape = torch.zeros(2, dtype=torch.int64)
+    rank, dev = dist.get_rank(), _comm_device()
+    shape = torch.zeros(2, dtype=torch.int64, device=dev)
     if rank == src:
-        shape[:] = torch.tensor(x.shape, dtype=torch.int64)
+        shape[:] = torch.tensor(x.shape, dtype=torch.int64, device=dev)
     dist.broadcast(shape, src)
-    buf = torch.from_numpy(np.ascontiguousarray(x, np.float32)) if rank == src else \
-        torch.empty(tuple(shape.tolist()), dtype=torch.float32)
+    buf = torch.from_numpy(np.ascontiguousarray(x, np.float32)).to(dev) if rank == src else \
+        torch.empty(tuple(shape.tolist()), dtype=torch.float32, device=dev)
     dist.broadcast(buf, src)
-    return buf.numpy()
+    return buf.cpu().numpy()
 
 
 def search_distributed(index: ShardedIndex, queries: np.ndarray | None, k: int,
@@ -137,7 +144,7 @@ def search_distributed(index: ShardedIndex, queries: np.ndarray | None, k: int,
 
     Every rank returns the full merged result, equal to one process searching all
     shards. Without an initialised process group this is ``search``. Collectives
-    run on CPU tensors (use a gloo group, or a group that supports CPU tensors).
+    use CUDA tensors under NCCL and CPU tensors otherwise (gloo).
     """
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return search(index, queries, k, nprobe, batch_size, progress)
@@ -146,10 +153,10 @@ def search_distributed(index: ShardedIndex, queries: np.ndarray | None, k: int,
         raise ValueError(f"dimension mismatch: the index holds {index.dim}-d vectors, "
                          f"the queries are {q.shape[1]}-d")
     local = search(index, q, k, nprobe, batch_size, progress and dist.get_rank() == 0)
-    world = dist.get_world_size()
-    s_all = [torch.empty((len(q), k), dtype=torch.float32) for _ in range(world)]
-    i_all = [torch.empty((len(q), k), dtype=torch.int64) for _ in range(world)]
-    dist.all_gather(s_all, torch.from_numpy(local.scores))
-    dist.all_gather(i_all, torch.from_numpy(local.ids))
-    s, i = merge_topk([t.numpy() for t in s_all], [t.numpy() for t in i_all], k)
+    world, dev = dist.get_world_size(), _comm_device()
+    s_all = [torch.empty((len(q), k), dtype=torch.float32, device=dev) for _ in range(world)]
+    i_all = [torch.empty((len(q), k), dtype=torch.int64, device=dev) for _ in range(world)]
+    dist.all_gather(s_all, torch.from_numpy(local.scores).to(dev))
+    dist.all_gather(i_all, torch.from_numpy(local.ids).to(dev))
+    s, i = merge_topk([t.cpu().numpy() for t in s_all], [t.cpu().numpy() for t in i_all], k)
     return SearchResult(s, i)
