@@ -97,7 +97,9 @@ class TrainConfig:
     - ``freeze_bn_stats``: BatchNorm layers whose parameters are frozen stay in eval mode
       (false: the upstream behaviour, their running statistics keep updating);
     - ``checkpoint_every``: optimizer updates between checkpoints (null: epoch ends only);
-      ``keep_checkpoints``: how many to keep.
+      ``keep_checkpoints``: how many to keep;
+    - ``save_init``: also write the starting encoder to ``RUN/init`` (a fresh run only), the
+      baseline that ``python -m retrieval evaluate --model RUN/init`` compares against.
     """
 
     run_dir: str | None = None
@@ -113,6 +115,7 @@ class TrainConfig:
     checkpoint_every: int | None = None
     keep_checkpoints: int = 2
     deterministic: bool = False
+    save_init: bool = False
 
     def __post_init__(self) -> None:
         _one_of(self.precision, PRECISIONS, "train.precision")

@@ -236,6 +236,9 @@ class Trainer:
             self._load(resume_from)
         if acc.is_main_process:
             self._write_config()
+            if not resume_from and r.train.save_init:
+                # the starting point, for an untrained-vs-trained comparison of the same weights
+                self._save_encoder("init", {"update": 0, "epoch": 0})
         self.tracker = RunTracker(acc, self.run_dir, self.logging_dir, r.log.tensorboard)
         self.tracker.start()
         log.info("rank %d/%d on %s, %s: %d batches/epoch (%d images each), %d updates to go",

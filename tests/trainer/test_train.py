@@ -325,7 +325,7 @@ def test_grad_accumulation_clipping_and_frozen_parts(tiny_data, tmp_path):
 
     data = recipe(tiny_data, tmp_path / "run", data={"steps_per_epoch": 3},
                   train={"epochs": 2, "grad_accum": 2, "clip_grad_norm": 0.5,
-                         "checkpoint_every": None},
+                         "checkpoint_every": None, "save_init": True},
                   eval={"database_shards": None, "query_shards": None},
                   log={"tensorboard": False})
     trainer = Trainer(Recipe.from_dict(data, name="accum"), progress=False)
@@ -342,3 +342,8 @@ def test_grad_accumulation_clipping_and_frozen_parts(tiny_data, tmp_path):
         "latest.json", "step-000000002", "step-000000004"]                # epoch ends
     assert torch.equal(model.backbone.conv1.weight, conv1)              # layers_to_freeze: 0
     assert not torch.equal(model.backbone.layer1[0].conv1.weight, layer1)
+    # RUN/init holds the starting weights (the untrained baseline), RUN/final the trained ones
+    init, final = load_weights(tmp_path / "run" / "init"), load_weights(tmp_path / "run" / "final")
+    key = "backbone.layer1.0.conv1.weight"
+    assert np.array_equal(init[key], layer1.numpy())
+    assert not np.array_equal(init[key], final[key])
