@@ -1,4 +1,4 @@
-"""``python -m trainer``: training (the default command) and ``inspect-data``.
+"""``python -m trainer``: training (the default command), ``inspect-data`` and ``demo``.
 
 ``accelerate launch -m trainer --config CFG [section.key=value ...]`` trains;
 ``python -m trainer inspect-data ...`` prints the batches a rank would see.
@@ -109,7 +109,13 @@ def _train(argv: Sequence[str]) -> int:
     return int(train_main(list(argv)) or 0)
 
 
-COMMANDS: dict[str, Callable[[Sequence[str]], int]] = {"inspect-data": inspect_data}
+def _demo(argv: Sequence[str]) -> int:
+    from .demo import main as demo_main
+
+    return int(demo_main(list(argv)) or 0)
+
+
+COMMANDS: dict[str, Callable[[Sequence[str]], int]] = {"inspect-data": inspect_data, "demo": _demo}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -118,9 +124,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv and argv[0] in COMMANDS:
         return COMMANDS[argv[0]](argv[1:])
     if argv and argv[0] in ("-h", "--help") and len(argv) == 1:
-        print("usage: python -m trainer [inspect-data] ...\n\n"
+        print("usage: python -m trainer [inspect-data|demo] ...\n\n"
               "  (default)     train: accelerate launch -m trainer --config CFG [section.key=value ...]\n"
-              "  inspect-data  print the batches a rank would see (python -m trainer inspect-data -h)")
+              "                (python -m trainer --config CFG -h for the options)\n"
+              "  inspect-data  print the batches a rank would see (python -m trainer inspect-data -h)\n"
+              "  demo          the end-to-end Blue Marble demo (python -m trainer demo -h)")
         return 0
     return _train(argv)
 

@@ -166,6 +166,7 @@ class Trainer:
         self.summary: dict[str, Any] = {}
         self._throughput: dict[str, float] = {}
         self._skipped_total = 0.0
+        self._queries_total = 0.0   # mined queries trained on (this process run, all ranks)
         self._lr_used = math.nan
 
     # -- construction
@@ -424,6 +425,7 @@ class Trainer:
                         grid_pending = False
                     images += len(batch)
                     meter.add("skipped", batch.skipped)
+                    meter.add("queries", int(batch.is_query.sum()))
                     batch = batch.to(device, non_blocking=True)
                     sync = i == n_micro - 1
                     with (contextlib.nullcontext() if sync or self.world == 1
@@ -498,11 +500,13 @@ class Trainer:
         acc = self.acc
         n = meter.counts.get("loss", 0)
         vec = torch.tensor([meter.total("loss"), float(n), meter.total("skipped"),
-                            meter.total("images")], dtype=torch.float64, device=acc.device)
+                            meter.total("images"), meter.total("queries")],
+                           dtype=torch.float64, device=acc.device)
         if self.world > 1:
             vec = acc.reduce(vec, reduction="sum")
         loss = float(vec[0] / max(vec[1], 1))
         self._skipped_total += float(vec[2])
+        self._queries_total += float(vec[4])
         elapsed = max(time.perf_counter() - window_t0, 1e-9)
         step_time = meter.total("time")
         values = {
@@ -515,12 +519,14 @@ class Trainer:
             "perf/images_per_s": float(vec[3]) / elapsed,
             "perf/data_wait_fraction": meter.total("wait") / max(step_time, 1e-9),
             "data/skipped": self._skipped_total,
+            "data/mined_queries": self._queries_total,
             "train/epoch": self.state.epoch + self.state.step / self.steps_per_epoch,
         }
         if torch.cuda.is_available() and acc.device.type == "cuda":
             values["perf/gpu_mem_gb"] = torch.cuda.max_memory_allocated(acc.device) / 2**30
         self._throughput = {"images_per_s": values["perf/images_per_s"],
-                            "data_wait_fraction": values["perf/data_wait_fraction"]}
+                            "data_wait_fraction": values["perf/data_wait_fraction"],
+                            "mined_queries": self._queries_total}
         self.tracker.scalars(values, self.state.update)
         bar.set_postfix(loss=f"{loss:.4f}", lr=f"{values['train/lr']:.2e}",
                         img_s=f"{values['perf/images_per_s']:.0f}", refresh=False)

@@ -151,7 +151,7 @@ def test_two_process_ddp_learns_stays_in_step_and_logs(tiny_data, tmp_path):
     tb = scalars(run)
     for tag in ("train/loss", "train/lr", "train/batch_acc", "train/mined_pos", "train/mined_neg",
                 "train/removed_neg", "perf/images_per_s", "perf/data_wait_fraction",
-                "data/skipped", "val/R@1", "val/R@5", "val/R@10", "val/best_R@5"):
+                "data/skipped", "data/mined_queries", "val/R@1", "val/R@5", "val/R@10", "val/best_R@5"):
         assert tag in tb, f"{tag} missing from the event files ({sorted(tb)})"
     assert "image:data/batch" in tb
     loss = [v for _, v in sorted(tb["train/loss"])]
