@@ -4,7 +4,10 @@ from __future__ import annotations
 import io
 import os
 import random
+import socket
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -114,3 +117,53 @@ def square(lat: float, lon: float, half: float = 1.0) -> list[list[float]]:
 def diamond(lat: float, lon: float, r: float) -> list[list[float]]:
     """A square rotated by 45 degrees (as a rotated ISS footprint)."""
     return [[lat + r, lon], [lat, lon + r], [lat - r, lon], [lat, lon - r]]
+
+
+# ---------------------------------------------------------------- a real S3 server (moto)
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """moto's S3 server on 127.0.0.1 (a real HTTP endpoint that s3fs talks to)."""
+    pytest.importorskip("moto.server", reason="moto[server] is not installed (streamloc[dev])")
+    port = free_port()
+    proc = subprocess.Popen([PYTHON, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            break
+        except OSError:
+            time.sleep(0.2)
+    else:
+        proc.kill()
+        pytest.fail("moto server did not start")
+    yield url
+    proc.terminate()
+    proc.wait(10)
+
+
+@pytest.fixture
+def s3_env(s3_server, monkeypatch):
+    """The AWS variables pointing at the moto server, and a fresh bucket ``streamloc-test``."""
+    from shard_tools import storage
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    import fsspec
+    fsspec.config.conf.pop("s3", None)
+    fs, _ = storage.filesystem("s3://streamloc-test/")
+    fs.clear_instance_cache()
+    fs, _ = storage.filesystem("s3://streamloc-test/")
+    if not fs.exists("streamloc-test"):
+        fs.mkdir("streamloc-test")
+    return fs

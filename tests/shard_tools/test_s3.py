@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import time
 
@@ -10,55 +9,15 @@ import pytest
 import webdataset as wds
 
 from conftest import PYTHON, TEST_TILES, make_earthloc_tree
-from shard_tools import storage
 from shard_tools.__main__ import main
 from shard_tools.reader import iter_dataset, list_shards, webdataset_urls
 
 pytestmark = pytest.mark.s3
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def s3_server():
-    pytest.importorskip("moto.server", reason="moto[server] is not installed (streamloc[dev])")
-    port = _free_port()
-    proc = subprocess.Popen([PYTHON, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 60
-    while time.time() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            break
-        except OSError:
-            time.sleep(0.2)
-    else:
-        proc.kill()
-        pytest.fail("moto server did not start")
-    yield url
-    proc.terminate()
-    proc.wait(10)
 
-
-@pytest.fixture
-def s3_env(s3_server, monkeypatch):
-    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server)
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    import fsspec
-    fsspec.config.conf.pop("s3", None)
-    fs, _ = storage.filesystem("s3://streamloc-test/")
-    fs.clear_instance_cache()
-    fs, _ = storage.filesystem("s3://streamloc-test/")
-    if not fs.exists("streamloc-test"):
-        fs.mkdir("streamloc-test")
-    return fs
 
 
 def test_convert_to_s3_verify_and_stream_back(s3_env, tmp_path):

@@ -1,13 +1,10 @@
 """Training data streamed from S3: a real moto server on 127.0.0.1, through s3fs."""
 from __future__ import annotations
 
-import socket
-import subprocess
-import time
 
 import pytest
 
-from conftest import PYTHON, make_earthloc_tree
+from conftest import make_earthloc_tree
 from shard_tools import storage
 from shard_tools.__main__ import main as shard_main
 from trainer.data import build_train_data
@@ -17,31 +14,7 @@ pytestmark = pytest.mark.s3
 TILES = [f"08_{r:04d}_{c:04d}" for r in range(100, 108, 2) for c in range(60, 72, 2)]   # 24
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
-
-@pytest.fixture(scope="module")
-def s3_server():
-    pytest.importorskip("moto.server", reason="moto[server] is not installed (streamloc[dev])")
-    port = _free_port()
-    proc = subprocess.Popen([PYTHON, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 60
-    while time.time() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            break
-        except OSError:
-            time.sleep(0.2)
-    else:
-        proc.kill()
-        pytest.fail("moto server did not start")
-    yield f"http://127.0.0.1:{port}"
-    proc.terminate()
-    proc.wait(10)
 
 
 def test_stream_from_s3_equals_local_and_a_missing_shard_is_counted(s3_server, monkeypatch,

@@ -9,7 +9,6 @@ from __future__ import annotations
 import io
 import json
 import signal
-import socket
 import subprocess
 import time
 from pathlib import Path
@@ -20,7 +19,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from conftest import PYTHON, REPO, earthloc_query_name, earthloc_tile_path, run_env
+from conftest import PYTHON, REPO, earthloc_query_name, earthloc_tile_path, free_port, run_env
 from shard_tools.__main__ import main as shard_main
 
 # 24 places 6 tiles apart (no footprint overlap), 4 years each
@@ -119,11 +118,6 @@ def load_weights(folder: Path) -> dict[str, np.ndarray]:
     return load_file(str(folder / "model.safetensors"))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def _env() -> dict:
     env = run_env()
@@ -139,7 +133,7 @@ def test_two_process_ddp_learns_stays_in_step_and_logs(tiny_data, tmp_path):
     cfg = write_recipe(tmp_path / "r.yaml", recipe(tiny_data, run, data={"workers": 1}))
     cmd = [PYTHON, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "--main_process_port", str(_free_port()), "-m", "trainer", "--config", str(cfg)]
+           "--main_process_port", str(free_port()), "-m", "trainer", "--config", str(cfg)]
     proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
@@ -274,7 +268,6 @@ def test_missing_shards_is_a_one_line_error(tiny_data, tmp_path, capsys):
 
 # ---------------------------------------------------------------- S3 run folder
 
-from tests.shard_tools.test_s3 import s3_env, s3_server  # noqa: E402,F401  (moto fixtures)
 
 
 @pytest.mark.s3
