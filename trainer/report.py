@@ -158,7 +158,7 @@ def write_demo_report(plan: "DemoPlan", steps: Sequence["Step"], timings: dict[s
         + (f", data wait {100 * summary['data_wait_fraction']:.1f}% of step time"
            if summary.get("data_wait_fraction") is not None else "") + ".",
         "- **Evaluation**: each test region against the 2021 tiles within its radius, at 4 "
-        f"rotations; a query is correct at K when one of its top K tiles overlaps it.",
+        "rotations; a query is correct at K when one of its top K tiles overlaps it.",
         f"- **Time**: {_minutes(timings.get('total', 0.0))} in all ("
         + ", ".join(f"{k} {_minutes(v)}" for k, v in timings.items() if k != "total" and v > 0)
         + ").", ""]
