@@ -482,9 +482,10 @@ class _Stream:
             yield picked
 
     @staticmethod
-    def _random_pick(buf: list[_Place], P: int, rng: np.random.Generator) -> list[int]:
+    def _first_distinct(buf: list[_Place], order: Iterable[int], P: int) -> list[int]:
+        """The first ``P`` buffer slots in ``order`` that hold distinct places."""
         chosen, seen = [], set()
-        for i in rng.permutation(len(buf)):
+        for i in order:
             if buf[i].key in seen:
                 continue
             chosen.append(int(i))
@@ -493,8 +494,12 @@ class _Stream:
                 break
         return chosen
 
-    @staticmethod
-    def _spatial_pick(buf: list[_Place], P: int, rng: np.random.Generator) -> list[int]:
+    @classmethod
+    def _random_pick(cls, buf: list[_Place], P: int, rng: np.random.Generator) -> list[int]:
+        return cls._first_distinct(buf, rng.permutation(len(buf)), P)
+
+    @classmethod
+    def _spatial_pick(cls, buf: list[_Place], P: int, rng: np.random.Generator) -> list[int]:
         centers = np.array([p.center for p in buf], dtype=np.float64)
         lat, lon = np.radians(centers[:, 0]), np.radians(centers[:, 1])
         xyz = np.stack([np.cos(lat) * np.cos(lon), np.cos(lat) * np.sin(lon), np.sin(lat)], 1)
@@ -505,15 +510,7 @@ class _Stream:
             dist = 1.0 - xyz @ xyz[seed]
             dist = np.where(np.isnan(dist), 3.0 + rng.random(len(buf)), dist)
         dist[seed] = -1.0
-        chosen, seen = [], set()
-        for i in np.argsort(dist, kind="stable"):
-            if buf[i].key in seen:
-                continue
-            chosen.append(int(i))
-            seen.add(buf[i].key)
-            if len(chosen) == P:
-                break
-        return chosen
+        return cls._first_distinct(buf, np.argsort(dist, kind="stable"), P)
 
     def batches(self, start_step: int = 0, decode: bool = True) -> Iterator[Batch]:
         """This stream's batches from ``start_step`` on (earlier ones are replayed undecoded)."""
