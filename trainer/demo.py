@@ -124,7 +124,9 @@ class DemoPlan:
                     done=self.run / "summary.json")
 
     def evaluate_step(self, which: str) -> Step:
-        model = self.run / ("init" if which == "untrained" else "best")
+        # trained = RUN/final, the end of the cosine schedule: the demo's validation region
+        # holds only ~10 queries, too few for RUN/best (selected on it) to be the better model
+        model = self.run / ("init" if which == "untrained" else "final")
         out = self.out / f"eval-{which}.json"
         return Step(f"evaluate {which}", self._py(
             "retrieval", "evaluate", "--model", str(model), "--database",
@@ -138,7 +140,7 @@ class DemoPlan:
         return [
             Step("index", self._py("retrieval", "index", "--embeddings", database_embeddings,
                                    "--output", str(index), "--factory", "Flat")),
-            Step("localize", self._py("retrieval", "localize", "--model", str(self.run / "best"),
+            Step("localize", self._py("retrieval", "localize", "--model", str(self.run / "final"),
                                       "--index", str(index), *images, "--top-k", "10",
                                       "--output", str(self.out / "localize.geojson"),
                                       "--map", str(self.out / "localize.png"))),

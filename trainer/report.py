@@ -157,7 +157,8 @@ def write_demo_report(plan: "DemoPlan", steps: Sequence["Step"], timings: dict[s
         + (f", {summary['images_per_s']:.0f} images/s" if summary.get("images_per_s") else "")
         + (f", data wait {100 * summary['data_wait_fraction']:.1f}% of step time"
            if summary.get("data_wait_fraction") is not None else "") + ".",
-        "- **Evaluation**: each test region against the 2021 tiles within its radius, at 4 "
+        "- **Evaluation**: `RUN/init` (the same weights before the first step) against "
+        "`RUN/final`, on each test region against the 2021 tiles within its radius, at 4 "
         "rotations; a query is correct at K when one of its top K tiles overlaps it.",
         f"- **Time**: {_minutes(timings.get('total', 0.0))} in all ("
         + ", ".join(f"{k} {_minutes(v)}" for k, v in timings.items() if k != "total" and v > 0)
