@@ -57,6 +57,12 @@ def _shift_near(fp: np.ndarray, ref_lon: float) -> np.ndarray:
     return fp
 
 
+def latlon_label(lat: float, lon: float) -> str:
+    """``45.0N 10.0E`` with the longitude wrapped into [-180, 180) (views may cross +-180)."""
+    lon = (lon + 180.0) % 360.0 - 180.0
+    return f"{abs(lat):.1f}{'N' if lat >= 0 else 'S'} {abs(lon):.1f}{'E' if lon >= 0 else 'W'}"
+
+
 def draw_map(predictions: Sequence[np.ndarray], truth: np.ndarray | None = None,
              query_image: Image.Image | None = None, height: int = 512,
              use_bluemarble: bool = True, labels: Sequence[str] | None = None) -> Image.Image:
@@ -115,7 +121,7 @@ def draw_map(predictions: Sequence[np.ndarray], truth: np.ndarray | None = None,
                 label)
     if truth_s is not None:
         outline(truth_s, TRUTH_COLOUR, 3, "truth")
-    draw.text((6, 4), f"{lat1:.1f}N {lon0:.1f}E", fill=(255, 255, 255))
+    draw.text((6, 4), f"top left {latlon_label(lat1, lon0)}", fill=(255, 255, 255))
     if query_image is None:
         return view
     q = query_image.convert("RGB")

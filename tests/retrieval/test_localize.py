@@ -67,3 +67,11 @@ def test_localize_writes_valid_geojson_and_a_map(tiny_apl, encoder_dir, tmp_path
     for i in range(2):
         with Image.open(tmp_path / f"map-{i}.png") as im:
             assert im.height == 512 and im.width > 512      # map + query beside it
+
+
+@pytest.mark.parametrize("lat, lon, text", [(90.0, -289.5, "90.0N 70.5E"), (-12.25, 10.0, "12.2S 10.0E"),
+                                            (45.0, 190.0, "45.0N 170.0W"), (0.0, -180.0, "0.0N 180.0W")])
+def test_map_corner_label_wraps_longitude(lat, lon, text):
+    from retrieval.mapdraw import latlon_label
+
+    assert latlon_label(lat, lon) == text
