@@ -254,13 +254,24 @@ def run_set(name: str, db: np.ndarray, q: np.ndarray, nprobes, pq_m: int, k_fact
 # ---------------------------------------------------------------- real embeddings
 
 def find_demo_embeddings() -> tuple[str, str] | None:
+    """The trained demo encoder's database and query embeddings (``make demo`` records them in
+    ``runs/demo/eval-trained.json``); else any database/query pair of one encoder's cache."""
+    report = ROOT / "runs" / "demo" / "eval-trained.json"
+    if report.is_file():
+        doc = json.loads(report.read_text())
+        db, qs = doc.get("database_embeddings"), doc.get("query_embeddings")
+        if db and qs and os.path.isfile(os.path.join(db, "embeddings.json")) \
+                and os.path.isfile(os.path.join(qs, "embeddings.json")):
+            return db, qs
     found = [p.parent for p in (ROOT / "runs" / "demo").rglob("embeddings.json")]
     meta = {p: json.loads((p / "embeddings.json").read_text()) for p in found}
     db = sorted(p for p in found if len(meta[p].get("rotations") or []) == 4)
     qs = sorted(p for p in found if meta[p].get("rotations") == [0] and "quer" in str(p))
     qs = qs or sorted(p for p in found if meta[p].get("rotations") == [0])
-    if db and qs:
-        return str(db[0]), str(qs[0])
+    for d in db:   # both from the same encoder (one cache folder per encoder)
+        same = [q for q in qs if q.parent == d.parent]
+        if same:
+            return str(d), str(same[0])
     return None
 
 
