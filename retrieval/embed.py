@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -33,6 +32,7 @@ from shard_tools import storage
 from shard_tools.jpeg import CorruptImage
 from shard_tools.reader import ReadErrors, iter_samples, list_shards
 
+from .atomic import atomic_path
 from .distributed import take_part
 from .images import check_rotations, load_views
 
@@ -167,17 +167,8 @@ def embed_shard(encoder: nn.Module, url: str, image_size: tuple[int, int],
 # ---------------------------------------------------------------- files
 
 def _write_atomic(path: str, write) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".part")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        write(f)
 
 
 def write_shard_embeddings(output: str, name: str, rows: np.ndarray, records: Sequence[dict],

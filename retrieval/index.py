@@ -20,7 +20,6 @@ import json
 import logging
 import os
 import re
-import tempfile
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -30,6 +29,7 @@ from tqdm.auto import tqdm
 
 from shard_tools import storage
 
+from .atomic import atomic_path
 from .embed import Embeddings, as_embeddings
 
 log = logging.getLogger(__name__)
@@ -103,17 +103,8 @@ def shard_ranges(rows: int, num_shards: int) -> list[tuple[int, int]]:
 
 
 def _write_index_atomic(index: faiss.Index, path: str) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".part")
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         faiss.write_index(index, tmp)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def _to_gpu(index: faiss.Index) -> faiss.Index:
