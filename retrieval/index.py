@@ -21,7 +21,7 @@ import logging
 import os
 import re
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Sequence
 
 import faiss
 import numpy as np
