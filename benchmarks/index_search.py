@@ -32,11 +32,18 @@ each build time. Searches go through ``retrieval.search`` (sharded top-k merge).
 
 The best configuration is the one with the highest QPS ratio to Flat among the
 structured rows with recall@100 >= 0.95 (``best_speedup_at_r100_095``; goal >= 10).
-Its family (IVF-Flat / IVF-PQ / IVF-PQ + RFlat at its k_factor) is applied to the
-real set with ``nlist`` = the power of two nearest ``4 * sqrt(rows)`` per region and
-the same nprobe fraction (``nprobe = ceil(fraction * nlist)``, the same share of the
-lists scanned); ``real_recall1_drop`` is its R@1 loss against Flat in points
-(goal <= 1). The last line is JSON.
+On the real set (one index per region, ``nlist`` = the power of two nearest
+``4 * sqrt(rows)``, PQ at the same bits per dimension) the same rule chooses again:
+each family (IVF-Flat, IVF-PQ, IVF-PQ + RFlat at each k_factor) is set, region by
+region, to the smallest nprobe on the ladder 1, 2, 4, ... nlist whose neighbour
+recall@100 against Flat reaches 0.95 (label-free: no ground truth tunes anything);
+the fastest family that reaches it in every region is chosen, and
+``real_recall1_drop`` is its localization R@1 loss against Flat in points (goal <= 1).
+The operating point is a recall target, not an nprobe: the structured winner's nprobe
+*fraction* (4 of 2048 lists) carried to a region of 2-5k rows (nlist 256) probes one
+list, a far lower neighbour recall than the winner's; that row is printed for
+comparison, as is whether the structured winner's family reaches the target here.
+The last line is JSON.
 
 Flat in 4 shards matches Flat up to BLAS rounding: scores differ by ~1e-6, so
 near-tied neighbours can swap places; the benchmark reports exact identity and
@@ -70,6 +77,7 @@ from retrieval import Embeddings, build_index, positives_for, recall_at_k, searc
 from retrieval.index import IndexShard, ShardedIndex, gpu_count, new_index, sample_rows  # noqa: E402
 
 K = 100
+TARGET_R100 = 0.95   # the operating point: recall@100 against Flat
 DEFAULT_SCALE = 0.5
 
 
@@ -347,42 +355,64 @@ def quiet_stderr():
             os.close(saved)
 
 
-def real_nprobe(rows: int, fraction: float) -> tuple[int, int]:
-    """(nprobe, nlist) of a region: nlist ~ 4 sqrt(rows), at least ``fraction`` of it probed."""
+def region_factory(family: str, rows: int, dim: int, pq_bits_per_dim: float) -> tuple[str, int | None]:
+    """The family's factory sized for one region: nlist ~ 4 sqrt(rows), PQ at the structured
+    set's bits per dimension."""
+    if family == "Flat":
+        return "Flat", None
     nlist = pow2_near(4 * math.sqrt(rows))
-    return min(nlist, max(1, math.ceil(fraction * nlist - 1e-9))), nlist
+    m = max(1, int(round(dim * pq_bits_per_dim / 4)))
+    return {"IVF-Flat": f"IVF{nlist},Flat", "IVF-PQ": f"IVF{nlist},PQ{m}x4fs",
+            "IVF-PQ+RFlat": f"IVF{nlist},PQ{m}x4fs,RFlat"}[family], nlist
 
 
-def real_nprobes(sets, family: str, fraction: float) -> list[str]:
-    return [] if family == "Flat" else ["%d/%d" % real_nprobe(len(s[1]), fraction) for s in sets]
+def nprobe_ladder(nlist: int) -> list[int]:
+    """1, 2, 4, ... nlist: the operating points a recall target chooses among."""
+    return [1 << i for i in range(int(math.log2(nlist)) + 1)]
 
 
-def real_recall(sets, family: str, fraction: float | None, pq_bits_per_dim: float,
-                k_factor: int | None, ks=(1, 10)) -> tuple[dict[int, float], list[int], int]:
-    """Mean over regions of localization recall@K (percent) through ``family`` (Flat,
-    IVF-Flat, IVF-PQ, IVF-PQ+RFlat) sized per region; also the nprobes/nlists used."""
-    recalls, probes, kept = [], [], 0
-    for _name, vectors, local_image, qv, pos in sets:
+def real_recall(sets, family: str, pq_bits_per_dim: float, k_factor: int | None,
+                flat_ids: list[np.ndarray] | None, fraction: float | None = None,
+                target: float | None = None, ks=(1, 10)) -> dict:
+    """Localization recall@K (percent, mean over regions) through ``family`` sized per region,
+    with its search time summed over the regions.
+
+    The operating point per region is either the structured winner's nprobe ``fraction`` or,
+    with ``target``, the smallest nprobe on the power-of-two ladder whose neighbour recall@100
+    against Flat (``flat_ids``: no ground truth involved) reaches ``target``: the rule that
+    chose the structured winner, applied to this database. ``reached`` says whether every
+    region got there (else its nprobe is nlist: every list scanned, and still short)."""
+    recalls, probes, kept, ids_out, nn_r100, secs, reached = [], [], 0, [], [], 0.0, True
+    for i, (_name, vectors, local_image, qv, pos) in enumerate(sets):
         rows, dim = vectors.shape
-        nprobe = None
-        if family == "Flat":
-            factory = "Flat"
-        else:
-            nprobe, nlist = real_nprobe(rows, fraction)
-            m = max(1, int(round(dim * pq_bits_per_dim / 4)))
-            factory = {"IVF-Flat": f"IVF{nlist},Flat", "IVF-PQ": f"IVF{nlist},PQ{m}x4fs",
-                       "IVF-PQ+RFlat": f"IVF{nlist},PQ{m}x4fs,RFlat"}[family]
-            probes.append(f"{nprobe}/{nlist}")
+        kk = min(K, rows)
+        factory, nlist = region_factory(family, rows, dim, pq_bits_per_dim)
         with quiet_stderr():
             index = build_index(vectors, None, factory, 1, progress=False)
         if k_factor is not None and factory.endswith("RFlat"):
             set_k_factor(index, k_factor)
-        res = search(index, qv, min(max(ks), rows), nprobe)
+        nprobe = None
+        if nlist is not None and target is not None:
+            for nprobe in nprobe_ladder(nlist):
+                if overlap(search(index, qv, kk, nprobe).ids, flat_ids[i], kk) >= target:
+                    break
+            else:
+                reached = False
+        elif nlist is not None:
+            nprobe = min(nlist, max(1, math.ceil(fraction * nlist - 1e-9)))
+        res, dt = timed(lambda: search(index, qv, kk, nprobe), min_total=0.2, max_repeats=5)
+        secs += dt
+        if nlist is not None:
+            probes.append(f"{nprobe}/{nlist}")
+        ids_out.append(res.ids)
+        nn_r100.append(1.0 if flat_ids is None else overlap(res.ids, flat_ids[i], kk))
         ids = np.where(res.ids >= 0, local_image[np.maximum(res.ids, 0)], -1)
         r = recall_at_k(ids, pos, ks)
         recalls.append(r.recall)
         kept += r.queries
-    return {k: float(np.mean([r[k] for r in recalls])) for k in ks}, probes, kept
+    return {"recall": {k: float(np.mean([r[k] for r in recalls])) for k in ks}, "probes": probes,
+            "queries": kept, "ids": ids_out, "nn_r100": float(np.mean(nn_r100)), "secs": secs,
+            "reached": reached}
 
 
 def family_of(config: str) -> tuple[str, int | None]:
@@ -450,7 +480,7 @@ def main() -> int:
             f"rounding per shard); numpy baseline on the same queries; nlist {v['nlist']}")
 
     ok = [r for r in rows if r["set"] == "structured" and r["config"].startswith("IVF")
-          and "GPU" not in r["config"] and r["r100"] >= 0.95]
+          and "GPU" not in r["config"] and r["r100"] >= TARGET_R100]
     best = max(ok, key=lambda r: r["speedup"]) if ok else None
     nlist_s = info["structured"]["nlist"]
     log("# structured best at R@100 >= 0.95 (CPU): " + (
@@ -486,37 +516,61 @@ def main() -> int:
                     + (f", empty and left out: {', '.join(skipped)}" if skipped else ""))
                 bits = 4.0 * args.pq / 256
                 fam, kf = family_of(best["config"])
-                frac = best["nprobe"] / nlist_s
-                flat_r, _, kept = real_recall(sets_r, "Flat", None, bits, None)
-                log(f"{'real config':<34}{'structured fraction':<20}{'nprobe/nlist per region':<34}{'R@1':>7}{'R@10':>7}"
-                    f"{'dR@1':>7}")
-                log(f"{'Flat':<34}{'':<20}{'':<34}{flat_r[1]:>7.1f}{flat_r[10]:>7.1f}{0.0:>7.1f}")
-                contenders = [(fam, kf, best["nprobe"], True)]
-                contenders += [(f, k, best["nprobe"], False) for f, k in
-                               (("IVF-Flat", None), ("IVF-PQ", None), ("IVF-PQ+RFlat", max(k_factors)))
-                               if (f, k) != (fam, kf)]
-                contenders += [(fam, kf, p, False) for p in nprobes
-                               if p != best["nprobe"] and p <= nlist_s]
-                seen = set()
-                for f, k, p, chosen in contenders:
-                    r_key = (f, k, tuple(real_nprobes(sets_r, f, p / nlist_s)))
-                    if r_key in seen:
-                        continue
-                    seen.add(r_key)
-                    r, probes, _ = real_recall(sets_r, f, p / nlist_s, bits, k)
-                    label = f + (f" k{k}" if k else "") + (" (chosen)" if chosen else "")
-                    log(f"{label:<34}{f'{p}/{nlist_s}':<20}{','.join(probes):<34}{r[1]:>7.1f}{r[10]:>7.1f}"
-                        f"{flat_r[1] - r[1]:>7.1f}")
-                    if chosen:
-                        real = {"source": source, "queries": kept, "flat_r1": flat_r[1],
-                                "flat_r10": flat_r[10], "r1": r[1], "r10": r[10],
-                                "config": label, "nprobe_fraction": f"{best['nprobe']}/{nlist_s}"}
-                        real_drop = flat_r[1] - r[1]
+                flat = real_recall(sets_r, "Flat", bits, None, None)
+                flat_r, kept = flat["recall"], flat["queries"]
+                log(f"{'real config':<26}{'operating point':<26}{'nprobe/nlist per region':<40}"
+                    f"{'nnR@100':>8}{'R@1':>7}{'R@10':>7}{'dR@1':>7}{'x Flat':>8}")
+                log(f"{'Flat':<26}{'exact':<26}{'':<40}{1.0:>8.3f}{flat_r[1]:>7.1f}"
+                    f"{flat_r[10]:>7.1f}{0.0:>7.1f}{1.0:>8.2f}")
+                # The operating point is a recall target, not an nprobe: the rule that chose
+                # the structured winner (the fastest configuration with R@100 >= 0.95 against
+                # Flat) chooses again on this database, over the same families.
+                families = [("IVF-Flat", None), ("IVF-PQ", None)]
+                families += [("IVF-PQ+RFlat", k) for k in k_factors]
+                results = []
+                for f, k in families:
+                    out = real_recall(sets_r, f, bits, k, flat["ids"], target=TARGET_R100)
+                    out["label"] = f + (f" k{k}" if k else "")
+                    out["speedup"] = flat["secs"] / out["secs"]
+                    results.append(out)
+                ok_r = [o for o in results if o["reached"]]
+                chosen = max(ok_r, key=lambda o: o["speedup"]) if ok_r else None
+                same_frac = real_recall(sets_r, fam, bits, kf, flat["ids"],
+                                        fraction=best["nprobe"] / nlist_s)
+                same_frac["label"] = f"{fam}" + (f" k{kf}" if kf else "")
+                same_frac["speedup"] = flat["secs"] / same_frac["secs"]
+                for o in results + [same_frac]:
+                    if o is same_frac:
+                        point = f"fraction {best['nprobe']}/{nlist_s}"
+                    else:
+                        point = f"R@100>={TARGET_R100}" + ("" if o["reached"] else " NOT reached")
+                    tag = " (chosen)" if o is chosen else ""
+                    r = o["recall"]
+                    log(f"{o['label'] + tag:<26}{point:<26}{','.join(o['probes']):<40}"
+                        f"{o['nn_r100']:>8.3f}{r[1]:>7.1f}{r[10]:>7.1f}{flat_r[1] - r[1]:>7.1f}"
+                        f"{o['speedup']:>8.2f}")
+                if chosen is None:
+                    raise FileNotFoundError(f"no configuration reached R@100 >= {TARGET_R100} "
+                                            "on the real set")
+                real = {"source": source, "queries": kept, "flat_r1": flat_r[1],
+                        "flat_r10": flat_r[10], "r1": chosen["recall"][1],
+                        "r10": chosen["recall"][10], "config": chosen["label"],
+                        "nprobes": chosen["probes"], "nn_r100": chosen["nn_r100"],
+                        "speedup": chosen["speedup"]}
+                real_drop = flat_r[1] - real["r1"]
+                scanned = np.mean([int(a) / int(b) for a, b in (x.split("/") for x in real["nprobes"])])
                 log(f"# real ({source}; {kept} region queries with a positive): Flat R@1 "
-                    f"{flat_r[1]:.1f} R@10 {flat_r[10]:.1f}; {real['config']} at nprobe fraction "
-                    f"{best['nprobe']}/{nlist_s} (per region {', '.join(real_nprobes(sets_r, fam, frac))})"
-                    f": R@1 {real['r1']:.1f} R@10 {real['r10']:.1f}; "
-                    f"R@1 drop {real_drop:.1f} points (one query = {100 / max(1, kept):.1f})")
+                    f"{flat_r[1]:.1f} R@10 {flat_r[10]:.1f}; chosen by the structured rule "
+                    f"(fastest with R@100 >= {TARGET_R100} against Flat in every region): "
+                    f"{real['config']} at nprobe/nlist {', '.join(real['nprobes'])} "
+                    f"({100 * scanned:.0f}% of the lists on average, {real['speedup']:.2f}x Flat on "
+                    f"these 2-5k-row regions): R@1 {real['r1']:.1f} R@10 {real['r10']:.1f}; R@1 "
+                    f"drop {real_drop:.1f} points (one query = {100 / max(1, kept):.1f}); the "
+                    f"structured winner's family {same_frac['label']} "
+                    + ("reaches" if any(o["label"] == same_frac["label"] and o["reached"]
+                                        for o in results) else "does NOT reach")
+                    + f" the target here; at its structured nprobe fraction it loses "
+                    f"{flat_r[1] - same_frac['recall'][1]:.1f} points")
         except FileNotFoundError as exc:
             log(f"# real: skipped ({exc})")
     phases["real_s"] = round(time.perf_counter() - t, 1)
@@ -532,6 +586,9 @@ def main() -> int:
         "real_flat_r1": None if real is None else round(real["flat_r1"], 2),
         "real_r1": None if real is None else round(real["r1"], 2),
         "real_recall1_drop": None if real_drop is None else round(real_drop, 2),
+        "real_config": None if real is None else real["config"],
+        "real_nprobes": None if real is None else real["nprobes"],
+        "real_speedup": None if real is None else round(real["speedup"], 2),
         "phases_s": phases, "gpus": gpu_count(),
     }), flush=True)
     return 0
