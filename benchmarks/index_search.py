@@ -151,11 +151,6 @@ def one_shard(ix: faiss.Index, dim: int, factory: str) -> ShardedIndex:
     return ShardedIndex([IndexShard(ix, 0, 0, int(ix.ntotal))], dim, factory)
 
 
-def set_k_factor(index: ShardedIndex, k_factor: int) -> None:
-    for s in index.shards:
-        faiss.downcast_index(s.index).k_factor = float(k_factor)
-
-
 def recall_row(base: dict, config: str, nprobe, ids: np.ndarray, ref: np.ndarray, secs: float,
                t_ref_per_query: float, bytes_per_vector: float, build_s: float) -> dict:
     nq = len(ids)
@@ -234,7 +229,7 @@ def run_set(name: str, db: np.ndarray, q: np.ndarray, nprobes, pq_m: int, k_fact
             index_bytes(built[pq_factory][0]) + 4.0 * dim
         for kf in kfs:
             if kf is not None:
-                set_k_factor(index, kf)
+                index.set_params(k_factor=kf)
             label = factory if kf is None else f"{factory} k{kf}"
             for p in nprobes:
                 if p > nlist:
@@ -390,7 +385,7 @@ def real_recall(sets, family: str, pq_bits_per_dim: float, k_factor: int | None,
         with quiet_stderr():
             index = build_index(vectors, None, factory, 1, progress=False)
         if k_factor is not None and factory.endswith("RFlat"):
-            set_k_factor(index, k_factor)
+            index.set_params(k_factor=k_factor)
         nprobe = None
         if nlist is not None and target is not None:
             for nprobe in nprobe_ladder(nlist):

@@ -134,7 +134,8 @@ def positives_for(protocol: str, db_records: Sequence[Mapping[str, Any]],
 
 def evaluate_subset(db: Embeddings, db_images: np.ndarray, q_vectors: np.ndarray,
                     positives: Sequence[np.ndarray], ks: Sequence[int], factory: str = "Flat",
-                    nprobe: int | None = None, with_dedupe: bool = True
+                    nprobe: int | None = None, with_dedupe: bool = True,
+                    ef_search: int | None = None, k_factor: float | None = None
                     ) -> tuple[dict[int, float], dict[int, float] | None, int, int]:
     """Recall of queries against the rows of the given database images.
 
@@ -148,13 +149,14 @@ def evaluate_subset(db: Embeddings, db_images: np.ndarray, q_vectors: np.ndarray
     local_image = lut[img_of_row[rows]]
     index = build_index(Embeddings.from_arrays(db.take(rows)), None, factory, progress=False)
     kmax = max(ks)
-    res = search(index, q_vectors, min(kmax, len(rows)), nprobe)
+    params = dict(nprobe=nprobe, ef_search=ef_search, k_factor=k_factor)
+    res = search(index, q_vectors, min(kmax, len(rows)), **params)
     ids = np.where(res.ids >= 0, local_image[np.maximum(res.ids, 0)], -1)
     plain = recall_at_k(ids, positives, ks)
     dd = None
     n_rot = int(np.bincount(local_image).max()) if len(local_image) else 1
     if with_dedupe and n_rot > 1:
-        wide = search(index, q_vectors, min(kmax * n_rot, len(rows)), nprobe)
+        wide = search(index, q_vectors, min(kmax * n_rot, len(rows)), **params)
         best = dedupe(wide, local_image, kmax)
         dd_ids = np.where(best.ids >= 0, local_image[np.maximum(best.ids, 0)], -1)
         dd = recall_at_k(dd_ids, positives, ks).recall
@@ -164,7 +166,8 @@ def evaluate_subset(db: Embeddings, db_images: np.ndarray, q_vectors: np.ndarray
 def evaluate(database: "Embeddings | str", queries: "Embeddings | str", protocol: str = "apl",
              regions: Sequence[str | Region] | None = None, ks: Sequence[int] = DEFAULT_KS,
              factory: str = "Flat", nprobe: int | None = None, year: int | None = 2021,
-             radius_m: float = 25.0) -> EvalReport:
+             radius_m: float = 25.0, ef_search: int | None = None,
+             k_factor: float | None = None) -> EvalReport:
     """Recall@K of query embeddings against database embeddings, per region.
 
     ``regions`` (names, groups such as ``earthloc-test``, or ``name:lat,lon,q_km,db_km``)
@@ -203,7 +206,8 @@ def evaluate(database: "Embeddings | str", queries: "Embeddings | str", protocol
         pos = positives_for(protocol, [db_records[i] for i in d_idx],
                             [q_records[i] for i in q_idx], radius_m)
         rec, rec_dd, kept, dropped = evaluate_subset(db, d_idx, q_vectors[q_idx], pos, ks,
-                                                     factory, nprobe)
+                                                     factory, nprobe, ef_search=ef_search,
+                                                     k_factor=k_factor)
         if kept == 0:
             log.warning("region %s: none of its %d queries has a positive", name, len(q_idx))
         n_rows = int(np.isin(db.image_of_row, d_idx).sum())

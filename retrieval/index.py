@@ -81,8 +81,15 @@ def takes_global_ids(index: faiss.Index) -> bool:
 
 
 def set_search_params(index: faiss.Index, nprobe: int | None = None,
-                      ef_search: int | None = None) -> None:
-    """nprobe for IVF, efSearch for HNSW (no-ops where they do not apply)."""
+                      ef_search: int | None = None, k_factor: float | None = None) -> None:
+    """nprobe for IVF, efSearch for HNSW, k_factor (candidates re-ranked = k * k_factor) for a
+    ``,RFlat`` refine stage; each a no-op where it does not apply."""
+    if k_factor is not None:
+        if k_factor < 1:
+            raise ValueError(f"k_factor must be >= 1, got {k_factor}")
+        refine = faiss.downcast_index(index)
+        if isinstance(refine, faiss.IndexRefine):
+            refine.k_factor = float(k_factor)
     if nprobe is not None:
         ivf = ivf_of(index)
         if ivf is not None:
@@ -200,9 +207,10 @@ class ShardedIndex:
     def ntotal(self) -> int:
         return sum(int(s.index.ntotal) for s in self.shards)
 
-    def set_params(self, nprobe: int | None = None, ef_search: int | None = None) -> None:
+    def set_params(self, nprobe: int | None = None, ef_search: int | None = None,
+                   k_factor: float | None = None) -> None:
         for s in self.shards:
-            set_search_params(s.index, nprobe, ef_search)
+            set_search_params(s.index, nprobe, ef_search, k_factor)
 
     def to_gpu(self) -> "ShardedIndex":
         """Shards moved to all GPUs when FAISS has GPUs (Flat and IVF; others stay)."""

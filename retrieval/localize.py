@@ -48,7 +48,8 @@ def true_footprint(path: str) -> list[list[float]] | None:
 
 def localize(encoder: nn.Module, images: Sequence[str], index: ShardedIndex, database: Embeddings,
              image_size: tuple[int, int], top_k: int = 10, nprobe: int | None = None,
-             batch_size: int = 16) -> list[Localization]:
+             batch_size: int = 16, ef_search: int | None = None,
+             k_factor: float | None = None) -> list[Localization]:
     """Top-k distinct database images for each image file."""
     if top_k < 1:
         raise ValueError(f"--top-k must be >= 1, got {top_k}")
@@ -66,7 +67,8 @@ def localize(encoder: nn.Module, images: Sequence[str], index: ShardedIndex, dat
         encoder.train(was_training)
     q = np.concatenate(vectors)
     n_rot = max(1, len(database.rotations))
-    wide = search(index, q, min(top_k * n_rot, max(1, index.ntotal)), nprobe)
+    wide = search(index, q, min(top_k * n_rot, max(1, index.ntotal)), nprobe,
+                  ef_search=ef_search, k_factor=k_factor)
     best = dedupe(wide, database.image_of_row, top_k)
     out = []
     for path, scores, ids in zip(images, best.scores, best.ids):

@@ -77,13 +77,16 @@ def check_queries(index: ShardedIndex, queries: np.ndarray) -> np.ndarray:
 
 
 def search(index: ShardedIndex, queries: np.ndarray, k: int, nprobe: int | None = None,
-           batch_size: int = 4096, progress: bool = False) -> SearchResult:
-    """Top-k global row ids of every query over all shards of ``index`` (this process)."""
+           batch_size: int = 4096, progress: bool = False, ef_search: int | None = None,
+           k_factor: float | None = None) -> SearchResult:
+    """Top-k global row ids of every query over all shards of ``index`` (this process).
+
+    ``nprobe`` (IVF), ``ef_search`` (HNSW) and ``k_factor`` (``,RFlat`` re-ranking depth)
+    stay set on the index for later searches; None leaves each as it is."""
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
     q = check_queries(index, queries)
-    if nprobe is not None:
-        index.set_params(nprobe=nprobe)
+    index.set_params(nprobe=nprobe, ef_search=ef_search, k_factor=k_factor)
     out_s = np.empty((len(q), k), np.float32)
     out_i = np.empty((len(q), k), np.int64)
     with tqdm(total=len(q), unit="query", desc="search", disable=not progress) as bar:
@@ -138,7 +141,8 @@ def _broadcast_array(x: np.ndarray | None, src: int = 0) -> np.ndarray:
 
 def search_distributed(index: ShardedIndex, queries: np.ndarray | None, k: int,
                        nprobe: int | None = None, batch_size: int = 4096,
-                       progress: bool = False) -> SearchResult:
+                       progress: bool = False, ef_search: int | None = None,
+                       k_factor: float | None = None) -> SearchResult:
     """Each rank holds some index shards; queries (given on rank 0) are broadcast, every
     rank searches its shards, and the per-rank top-k are all-gathered and merged.
 
@@ -147,12 +151,13 @@ def search_distributed(index: ShardedIndex, queries: np.ndarray | None, k: int,
     use CUDA tensors under NCCL and CPU tensors otherwise (gloo).
     """
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return search(index, queries, k, nprobe, batch_size, progress)
+        return search(index, queries, k, nprobe, batch_size, progress, ef_search, k_factor)
     q = _broadcast_array(None if queries is None else np.asarray(queries, np.float32))
     if q.shape[1] != index.dim:
         raise ValueError(f"dimension mismatch: the index holds {index.dim}-d vectors, "
                          f"the queries are {q.shape[1]}-d")
-    local = search(index, q, k, nprobe, batch_size, progress and dist.get_rank() == 0)
+    local = search(index, q, k, nprobe, batch_size, progress and dist.get_rank() == 0,
+                   ef_search, k_factor)
     world, dev = dist.get_world_size(), _comm_device()
     s_all = [torch.empty((len(q), k), dtype=torch.float32, device=dev) for _ in range(world)]
     i_all = [torch.empty((len(q), k), dtype=torch.int64, device=dev) for _ in range(world)]

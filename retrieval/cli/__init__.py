@@ -26,6 +26,24 @@ def parse_ints(text: str, what: str) -> list[int]:
     return values
 
 
+def add_search_params(p) -> None:
+    """The index's search-time knobs, shared by search, evaluate and localize."""
+    p.add_argument("--nprobe", type=int, metavar="P",
+                   help="IVF lists to visit (tune by recall@100 against Flat)")
+    p.add_argument("--ef-search", type=int, metavar="EF", help="HNSW search depth (efSearch)")
+    p.add_argument("--k-factor", type=float, metavar="F",
+                   help="for ',RFlat' factories: re-rank the top k*F candidates exactly")
+
+
+def search_params(args) -> dict:
+    """Keyword arguments for ``retrieval.search`` from ``add_search_params``'s flags."""
+    for flag, value in (("--nprobe", args.nprobe), ("--ef-search", args.ef_search),
+                        ("--k-factor", args.k_factor)):
+        if value is not None and value < 1:
+            raise CommandError(f"{flag} must be >= 1, got {value:g}")
+    return dict(nprobe=args.nprobe, ef_search=args.ef_search, k_factor=args.k_factor)
+
+
 def device() -> "Any":
     """This process's device: its local GPU under a launcher, else the CPU."""
     import torch

@@ -6,7 +6,8 @@ import json
 import logging
 import os
 
-from . import CommandError, add_common, load_model, model_label, parse_ints
+from . import (CommandError, add_common, add_search_params, load_model, model_label, parse_ints,
+               search_params)
 
 HELP = "evaluate recall@K end to end: embed (cached), index, search, ground truth, per region"
 EXAMPLES = """\
@@ -46,7 +47,7 @@ def add_arguments(p) -> None:
                    help="apl region databases use this year's tiles ('any' for all years)")
     p.add_argument("--k", default="1,5,10,20,100", help="recall cut-offs")
     p.add_argument("--factory", default="Flat", help="FAISS factory string")
-    p.add_argument("--nprobe", type=int, help="IVF lists to visit")
+    add_search_params(p)
     p.add_argument("--rotations", metavar="LIST",
                    help="database rotations (default 0,90,180,270 for apl, 0 for vpr)")
     p.add_argument("--batch-size", type=int, default=32, help="images per batch")
@@ -110,6 +111,7 @@ def run(args) -> int:
     ks = parse_ints(args.k, "--k")
     if min(ks) < 1:
         raise CommandError("--k values must be >= 1")
+    params = search_params(args)
     if args.model:
         if args.database_embeddings or args.query_embeddings:
             raise CommandError("give --model (with image shards) or precomputed embeddings, "
@@ -133,7 +135,7 @@ def run(args) -> int:
         db_emb, q_emb = args.database_embeddings, args.query_embeddings
     if rank != 0:
         return 0
-    report = evaluate(db_emb, q_emb, args.protocol, regions, ks, args.factory, args.nprobe, year)
+    report = evaluate(db_emb, q_emb, args.protocol, regions, ks, args.factory, year=year, **params)
     print(report.table())
     if args.output:
         doc = report.to_dict() | {"database_embeddings": os.path.abspath(db_emb),

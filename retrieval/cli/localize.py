@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 import os
 
-from . import CommandError, add_common, load_model
+from . import CommandError, add_common, add_search_params, load_model, search_params
 
 HELP = "localize photographs: top-k footprints as GeoJSON (RFC 7946), optionally a map PNG"
 EXAMPLES = """\
@@ -22,7 +22,7 @@ def add_arguments(p) -> None:
     p.add_argument("--model", required=True, metavar="ENCODER", help="saved encoder folder")
     p.add_argument("--index", required=True, metavar="IDX", help="index folder")
     p.add_argument("--top-k", type=int, default=10, help="predictions per image (default 10)")
-    p.add_argument("--nprobe", type=int, help="IVF lists to visit")
+    add_search_params(p)
     p.add_argument("--output", required=True, metavar="OUT.geojson", help="GeoJSON output")
     p.add_argument("--map", metavar="OUT.png", help="draw a map PNG")
     p.add_argument("--map-height", type=int, default=512, help="map height in pixels")
@@ -36,6 +36,7 @@ def run(args) -> int:
     from ..index import ShardedIndex
     from ..localize import localize, map_image, to_geojson
 
+    params = search_params(args)
     missing = [p for p in args.images if not os.path.isfile(p)]
     if missing:
         raise FileNotFoundError(f"image not found: {missing[0]}")
@@ -47,7 +48,7 @@ def run(args) -> int:
     if dim != index.dim:
         raise CommandError(f"dimension mismatch: the index holds {index.dim}-d vectors, "
                            f"the encoder makes {dim}-d")
-    results = localize(model, args.images, index, database, size, args.top_k, args.nprobe)
+    results = localize(model, args.images, index, database, size, args.top_k, **params)
     storage.write_bytes_atomic(args.output, json.dumps(to_geojson(results)).encode())
     print(f"{len(results)} images, top {args.top_k} footprints each -> {args.output}")
     if args.map:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 import os
 
-from . import CommandError, add_common
+from . import CommandError, add_common, add_search_params, search_params
 
 HELP = "search a sharded index with query embeddings; top-k merged over all shards"
 EXAMPLES = """\
@@ -12,6 +12,9 @@ EXAMPLES = """\
   # IVF: probe 32 lists; keep each database image's best rotation only
   python -m retrieval search --index idx/ivfpq --queries emb/queries -k 10 --nprobe 32 \\
       --dedupe --output results.jsonl
+  # IVF-PQ with exact re-ranking of the top 4k candidates (factory IVF2048,PQ32x4fs,RFlat)
+  python -m retrieval search --index idx/ivfpq-rflat --queries emb/queries -k 100 --nprobe 8 \\
+      --k-factor 4 --output results.jsonl
   # 2 processes hold different index shards; queries broadcast, results merged
   ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 -m retrieval search \\
       --index idx/flat --queries emb/queries -k 100 --output results.jsonl
@@ -25,7 +28,7 @@ def add_arguments(p) -> None:
     p.add_argument("--index", required=True, metavar="IDX", help="index folder")
     p.add_argument("--queries", required=True, metavar="EMB", help="query embeddings folder")
     p.add_argument("-k", "--k", type=int, default=100, help="results per query (default 100)")
-    p.add_argument("--nprobe", type=int, metavar="P", help="IVF lists to visit")
+    add_search_params(p)
     p.add_argument("--dedupe", action="store_true",
                    help="one result per database image (its best rotation)")
     p.add_argument("--batch-size", type=int, default=4096, help="queries per search call")
@@ -45,6 +48,7 @@ def run(args) -> int:
 
     if args.k < 1:
         raise CommandError("-k must be >= 1")
+    params = search_params(args)
     rank, world = init_process_group_from_env()
     meta_path = os.path.join(args.index, INDEX_META)
     if not os.path.exists(meta_path):
@@ -62,8 +66,8 @@ def run(args) -> int:
     index = ShardedIndex.load(args.index, numbers)
     n_rot = len(database.rotations) if args.dedupe else 1
     k = min(args.k * n_rot, len(database))
-    res = search_distributed(index, queries.all() if rank == 0 else None, k, args.nprobe,
-                             args.batch_size, progress=not args.no_progress)
+    res = search_distributed(index, queries.all() if rank == 0 else None, k,
+                             batch_size=args.batch_size, progress=not args.no_progress, **params)
     if rank != 0:
         return 0
     if args.dedupe:

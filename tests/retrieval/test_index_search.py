@@ -128,3 +128,36 @@ def test_dedupe_keeps_best_rotation_of_each_image():
     wide = search(index, unit_rows(5, 8, 8), 3 * 4)
     out = dedupe(wide, groups, 3)
     assert all(len(set(groups[r])) == 3 for r in out.ids)
+
+
+def test_k_factor_sets_the_refine_depth_of_rflat_indexes(tmp_path):
+    """``,RFlat`` re-ranks the top k * k_factor PQ candidates exactly: with every row a
+    candidate the result is exact; at k_factor 1 the PQ order shows through."""
+    db, q = unit_rows(3000, 16, 9), unit_rows(40, 16, 10)
+    ref = brute_force(db, q, 10)[1]
+    index = build_index(db, None, "IVF8,PQ4x4,RFlat", 2, progress=False)
+    shallow = search(index, q, 10, nprobe=8, k_factor=1)
+    deep = search(index, q, 10, nprobe=8, k_factor=300)
+    assert np.array_equal(deep.ids, ref)
+    assert not np.array_equal(shallow.ids, ref)
+    assert np.array_equal(search(index, q, 10).ids, deep.ids)     # stays set until changed
+    with pytest.raises(ValueError, match="k_factor"):
+        search(index, q, 10, k_factor=0.5)
+
+    emb = write_embeddings(tmp_path / "emb", db, 1000)
+    qemb = write_embeddings(tmp_path / "q", q, 40)
+    idx = tmp_path / "idx"
+    subprocess.run([PYTHON, "-m", "retrieval", "index", "--embeddings", str(emb), "--output",
+                    str(idx), "--factory", "IVF8,PQ4x4,RFlat", "--no-progress"], env=run_env(),
+                   check=True, capture_output=True)
+    base = [PYTHON, "-m", "retrieval", "search", "--index", str(idx), "--queries", str(qemb),
+            "-k", "10", "--nprobe", "8", "--no-progress", "--output"]
+    out = subprocess.run(base + [str(tmp_path / "r.jsonl"), "--k-factor", "300"], env=run_env(),
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    got = [json.loads(line)["ids"] for line in (tmp_path / "r.jsonl").read_text().splitlines()]
+    assert got == ref.tolist()
+    bad = subprocess.run(base + [str(tmp_path / "x.jsonl"), "--k-factor", "0"], env=run_env(),
+                         capture_output=True, text=True)
+    assert bad.returncode == 2
+    assert bad.stderr.strip().splitlines() == ["error: --k-factor must be >= 1, got 0"]
