@@ -56,7 +56,7 @@ def _inspect_parser() -> argparse.ArgumentParser:
 
 def inspect_data(argv: Sequence[str]) -> int:
     from .config import apply_overrides, load_recipe
-    from .data import DataConfig, build_train_data
+    from .data import DataConfig, NoUsableDataError, build_train_data, error_message
 
     args = _inspect_parser().parse_args(list(argv))
     try:
@@ -94,8 +94,8 @@ def inspect_data(argv: Sequence[str]) -> int:
             print(json.dumps({"steps_per_epoch": td.steps_per_epoch, "counts": td.counters()}))
     except BrokenPipeError:   # `| head`: the reader has seen enough
         sys.stderr.close()
-    except RuntimeError as exc:   # e.g. no usable place in a rank's shards
-        print(f"error: {str(exc).splitlines()[0]}", file=sys.stderr)
+    except NoUsableDataError as exc:   # found while streaming, maybe in a worker
+        print(f"error: {error_message(exc)}", file=sys.stderr)
         return 2
     finally:
         bar.close()

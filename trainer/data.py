@@ -61,6 +61,26 @@ COUNTERS = ("places", "images", "queries", "shard_errors", "bad_samples", "missi
 SKIP_COUNTERS = ("shard_errors", "bad_samples", "missing_members", "bad_images", "small_places")
 
 
+class NoUsableDataError(RuntimeError):
+    """A stream has no usable place left (every one skipped): the shards are bad or too small
+    for the recipe. Raised instead of waiting forever for a batch."""
+
+
+def error_message(exc: BaseException) -> str:
+    """The original one-line message of ``exc``, also after a DataLoader worker re-raised it
+    (whose message starts "Caught X in DataLoader worker process N." and ends with the
+    original ``module.X: message`` line)."""
+    lines = [ln for ln in str(exc).splitlines() if ln.strip()]
+    if not lines:
+        return type(exc).__name__
+    if lines[0].startswith("Caught ") and "DataLoader worker" in lines[0]:
+        marker = f"{type(exc).__name__}: "
+        for ln in reversed(lines):
+            if marker in ln:
+                return ln.split(marker, 1)[1].strip()
+    return lines[0].strip()
+
+
 @dataclass
 class DataConfig:
     """The ``data:`` section of a recipe.
@@ -468,7 +488,7 @@ class _Stream:
                 else:
                     buf.append(nxt)
             if not buf:
-                raise RuntimeError(f"no usable place in the shards of rank {self.o.rank}, "
+                raise NoUsableDataError(f"no usable place in the shards of rank {self.o.rank}, "
                                    f"stream {self.stream} (all skipped: {self.counts.total})")
             chosen = pick(buf, P, rng)
             picked = [buf[i] for i in chosen]

@@ -88,6 +88,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _error(str(exc))
     except OSError as exc:
         return _error(f"cannot write the run folder: {exc}")
+    from .data import NoUsableDataError, error_message
+
     trainer = Trainer(recipe, progress=not args.no_progress)
     try:
         trainer.setup(args.resume)
@@ -96,6 +98,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _error(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
     try:
         trainer.fit()
+    except NoUsableDataError as exc:   # found while streaming (maybe in a DataLoader worker)
+        return _error(error_message(exc))
     finally:
         trainer.close()
     return 0

@@ -74,6 +74,11 @@ def test_bad_input_is_one_line_and_exit_2(places, capsys):
                  "data.images_per_place=50", "data.workers=0"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: no usable place") and "\n" not in err
+    # the same inside a DataLoader worker: the re-raised error is unwrapped to its message
+    assert main(["inspect-data", "--shards", str(places), "--steps", "1", "--loader", "workers",
+                 "data.images_per_place=50", "data.workers=1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: no usable place in the shards of rank 0") and "\n" not in err
 
 
 DDP_SCRIPT = """

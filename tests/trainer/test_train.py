@@ -266,6 +266,22 @@ def test_missing_shards_is_a_one_line_error(tiny_data, tmp_path, capsys):
     assert "not a complete checkpoint" in capsys.readouterr().err
 
 
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_no_usable_place_while_streaming_is_one_line_exit_2(tiny_data, tmp_path, workers):
+    """Found only while streaming (every place has 4 images, the recipe asks 50), inline or
+    in a DataLoader worker, whose re-raised error carries the worker's traceback."""
+    cfg = write_recipe(tmp_path / "r.yaml", recipe(tiny_data, tmp_path / "run"))
+    proc = subprocess.run([PYTHON, "-m", "trainer", "--config", str(cfg), "--no-progress",
+                           "data.images_per_place=50", f"data.workers={workers}"], cwd=REPO,
+                          env=_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error: ")]
+    assert errors == [errors[0]] and errors[0].startswith("error: no usable place in the shards "
+                                                          "of rank 0"), proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+
+
 # ---------------------------------------------------------------- S3 run folder
 
 
