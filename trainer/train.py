@@ -149,6 +149,9 @@ class TrainState:
     best_update: int | None = None
     last_eval: dict[str, float] = field(default_factory=dict)
     last_eval_update: int | None = None
+    # run totals over all ranks as of the last logged window (kept across resumes)
+    skipped_total: float = 0.0
+    mined_queries_total: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -169,8 +172,6 @@ class Trainer:
         self.acc = None
         self.summary: dict[str, Any] = {}
         self._throughput: dict[str, float] = {}
-        self._skipped_total = 0.0
-        self._queries_total = 0.0   # mined queries trained on (this process run, all ranks)
         self._lr_used = math.nan
 
     # -- construction
@@ -509,8 +510,8 @@ class Trainer:
         if self.world > 1:
             vec = acc.reduce(vec, reduction="sum")
         loss = float(vec[0] / max(vec[1], 1))
-        self._skipped_total += float(vec[2])
-        self._queries_total += float(vec[4])
+        self.state.skipped_total += float(vec[2])
+        self.state.mined_queries_total += float(vec[4])
         elapsed = max(time.perf_counter() - window_t0, 1e-9)
         step_time = meter.total("time")
         values = {
@@ -522,15 +523,15 @@ class Trainer:
             "train/removed_neg": meter.mean("removed_neg"),
             "perf/images_per_s": float(vec[3]) / elapsed,
             "perf/data_wait_fraction": meter.total("wait") / max(step_time, 1e-9),
-            "data/skipped": self._skipped_total,
-            "data/mined_queries": self._queries_total,
+            "data/skipped": self.state.skipped_total,
+            "data/mined_queries": self.state.mined_queries_total,
             "train/epoch": self.state.epoch + self.state.step / self.steps_per_epoch,
         }
         if torch.cuda.is_available() and acc.device.type == "cuda":
             values["perf/gpu_mem_gb"] = torch.cuda.max_memory_allocated(acc.device) / 2**30
         self._throughput = {"images_per_s": values["perf/images_per_s"],
                             "data_wait_fraction": values["perf/data_wait_fraction"],
-                            "mined_queries": self._queries_total}
+                            "mined_queries": self.state.mined_queries_total}
         self.tracker.scalars(values, self.state.update)
         bar.set_postfix(loss=f"{loss:.4f}", lr=f"{values['train/lr']:.2e}",
                         img_s=f"{values['perf/images_per_s']:.0f}", refresh=False)

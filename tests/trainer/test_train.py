@@ -52,17 +52,29 @@ def _convert(src: Path, dst: Path, kind: str, size: int) -> Path:
 
 @pytest.fixture(scope="module")
 def tiny_data(tmp_path_factory) -> dict[str, Path]:
-    """Training places (8 shards of 3), validation database (2021 tiles) and queries."""
+    """Training places (8 shards of 3), the same with mined queries (every other place paired
+    with a query of its own), validation database (2021 tiles) and queries."""
     root = tmp_path_factory.mktemp("train-data")
+    pairs = {}
     for p, tile in enumerate(TILES):
         for y, year in enumerate(YEARS):
             _write(root / "db", earthloc_tile_path(tile, year), place_jpeg(p, y))
         _write(root / "q", earthloc_query_name(tile, p, shift=0.05), place_jpeg(p, 50))
+        if p % 2 == 0:
+            mined = earthloc_query_name(tile, 100 + p, shift=0.03)
+            _write(root / "mined", mined, place_jpeg(p, 60))
+            pairs[earthloc_tile_path(tile, YEARS[-1])] = [mined]
+    (root / "pairs.json").write_text(json.dumps(pairs))
+    assert shard_main(["convert", "--no-progress", "--format", "earthloc", "--kind", "places",
+                       "--input", str(root / "db"), "--output", str(root / "places-q"),
+                       "--shard-size", "3", "--queries", str(root / "mined"),
+                       "--query-pairs", str(root / "pairs.json")]) == 0
     db2021 = root / "db2021"
     for path in (root / "db").rglob("*.jpg"):
         if "/2021_" in str(path):
             _write(db2021, str(path.relative_to(root / "db")), path.read_bytes())
     return {"places": _convert(root / "db", root / "places", "places", 3),
+            "places_q": root / "places-q",
             "database": _convert(db2021, root / "val-db", "images", 6),
             "queries": _convert(root / "q", root / "val-q", "images", 6)}
 
@@ -187,6 +199,8 @@ def test_sigkill_then_resume_latest_gives_the_uninterrupted_weights(tiny_data, t
     base = recipe(tiny_data, None, train={"epochs": 4}, eval={"database_shards": None,
                                                                "query_shards": None})
     base["loss"]["miner"] = {"name": "BatchHardMiner"}
+    # mined queries in the batches: the run's mined-query total must also survive the kill
+    base["data"].update(train_shards=str(tiny_data["places_q"]), mine_queries=True)
     a, b = tmp_path / "a", tmp_path / "b"
     cfg_a = write_recipe(tmp_path / "a.yaml", {**base, "train": {**base["train"], "run_dir": str(a)}})
     cfg_b = write_recipe(tmp_path / "b.yaml", {**base, "train": {**base["train"], "run_dir": str(b)}})
@@ -220,7 +234,9 @@ def test_sigkill_then_resume_latest_gives_the_uninterrupted_weights(tiny_data, t
     assert wa.keys() == wb.keys()
     for k in wa:
         np.testing.assert_array_equal(wa[k], wb[k], err_msg=k)
-    assert json.loads((b / "summary.json").read_text())["updates"] == 24   # 4 epochs x 6 batches on one rank
+    sa, sb = (json.loads((r / "summary.json").read_text()) for r in (a, b))
+    assert sb["updates"] == 24   # 4 epochs x 6 batches on one rank
+    assert sa["mined_queries"] == sb["mined_queries"] == 4 * 12   # 12 paired places, 4 epochs
 
 
 # ---------------------------------------------------------------- config errors
