@@ -47,7 +47,7 @@ from shard_tools import reader, storage
 from shard_tools.jpeg import CorruptImage, check_jpeg, decode_jpeg
 
 from .augment import Augmentation, apply_grouped, build_augmentation, normalize
-from .models.config import check_keys, image_hw
+from .models.config import CheckedConfig, image_hw
 
 __all__ = ["DataConfig", "Batch", "TrainData", "build_train_data", "EpochPlan", "plan_epoch",
            "COUNTERS"]
@@ -82,7 +82,7 @@ def error_message(exc: BaseException) -> str:
 
 
 @dataclass
-class DataConfig:
+class DataConfig(CheckedConfig):
     """The ``data:`` section of a recipe.
 
     - ``train_shards``: a place-shard set (folder, ``manifest.json`` or ``s3://...``);
@@ -97,6 +97,8 @@ class DataConfig:
       (also the number of streams, which fixes the order: keep it when resuming);
     - ``resample``: draw shards with replacement (places may repeat within an epoch).
     """
+
+    CONFIG_NAME = "data config"
 
     train_shards: str | None = None
     storage_options: dict[str, Any] = field(default_factory=dict)
@@ -146,29 +148,8 @@ class DataConfig:
     def streams(self) -> int:
         return max(1, int(self.workers))
 
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "DataConfig":
-        check_keys(data.keys(), cls.field_names(), "data config")
-        return cls(**dict(data))
-
-    @classmethod
-    def coerce(cls, cfg: "DataConfig | Mapping[str, Any]") -> "DataConfig":
-        if isinstance(cfg, cls):
-            return dataclasses.replace(cfg)
-        if isinstance(cfg, Mapping):
-            return cls.from_dict(cfg)
-        raise TypeError(f"expected a DataConfig or a mapping, got {type(cfg).__name__}")
-
-    @classmethod
-    def field_names(cls) -> list[str]:
-        return [f.name for f in dataclasses.fields(cls)]
-
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
-
-    def replace(self, **changes: Any) -> "DataConfig":
-        check_keys(changes.keys(), self.field_names(), "data config")
-        return dataclasses.replace(self, **changes)
 
 
 # ---------------------------------------------------------------- the batch

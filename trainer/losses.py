@@ -7,7 +7,6 @@ loss and reports what mining did.
 """
 from __future__ import annotations
 
-import dataclasses
 import difflib
 import inspect
 import logging
@@ -20,7 +19,7 @@ from pytorch_metric_learning.utils import loss_and_miner_utils as lmu
 from torch import Tensor, nn
 
 from .mining import negative_pair_mask
-from .models.config import check_keys
+from .models.config import CheckedConfig, check_keys
 
 __all__ = [
     "LOSSES",
@@ -129,7 +128,7 @@ def _named(spec: Mapping[str, Any] | str | None, what: str) -> tuple[str | None,
 
 
 @dataclass
-class CriterionConfig:
+class CriterionConfig(CheckedConfig):
     """``loss``/``miner``: ``{name, <params>}``; the filters drop negatives before the loss.
 
     - ``overlap_aware``: negatives whose footprints intersect (or, given positions, lie
@@ -143,16 +142,13 @@ class CriterionConfig:
     query_aware: bool = False
     overlap_distance_km: float | None = None
 
+    CONFIG_NAME = "loss config"
+
     @classmethod
-    def coerce(cls, cfg: "CriterionConfig | Mapping[str, Any]") -> "CriterionConfig":
-        if isinstance(cfg, cls):
-            return dataclasses.replace(cfg)
-        check_keys(cfg.keys(), [f.name for f in dataclasses.fields(cls)], "loss config")
-        data = dict(cfg)
-        for key in ("loss", "miner"):
-            if isinstance(data.get(key), str):
-                data[key] = {"name": data[key]}
-        return cls(**data)
+    def from_dict(cls, data: Mapping[str, Any]) -> "CriterionConfig":
+        data = {k: ({"name": v} if k in ("loss", "miner") and isinstance(v, str) else v)
+                for k, v in data.items()}
+        return super().from_dict(data)
 
 
 def filter_negatives(tuples: tuple[Tensor, ...], keep_neg: Tensor) -> tuple[Tensor, ...]:

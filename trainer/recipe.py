@@ -21,7 +21,7 @@ from typing import Any, Mapping, Sequence, Union
 from .config import apply_overrides, load_recipe
 from .data import DataConfig
 from .losses import CriterionConfig
-from .models.config import ModelConfig, check_keys, image_hw
+from .models.config import CheckedConfig, ModelConfig, check_keys, image_hw
 
 __all__ = ["ConfigError", "OptimConfig", "TrainConfig", "EvalConfig", "LogConfig", "Recipe",
            "OPTIMIZERS", "SCHEDULES", "PRECISIONS"]
@@ -42,7 +42,7 @@ def _one_of(value: Any, choices: Sequence[str], key: str) -> None:
 
 
 @dataclass
-class OptimConfig:
+class OptimConfig(CheckedConfig):
     """Optimizer and learning-rate schedule, stepped once per optimizer update.
 
     - ``optimizer``: adam, adamw or sgd (``momentum``, ``nesterov``); ``betas`` for Adam(W);
@@ -84,7 +84,7 @@ class OptimConfig:
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(CheckedConfig):
     """The loop: run folder, length, precision, checkpoints.
 
     - ``run_dir``: local folder or ``s3://...`` (null: ``runs/<recipe name>``);
@@ -134,7 +134,7 @@ _METRIC = re.compile(r"^R@(\d+)$")
 
 
 @dataclass
-class EvalConfig:
+class EvalConfig(CheckedConfig):
     """Validation recall@K through ``retrieval``, every epoch or every ``every_steps`` updates.
 
     - ``database_shards`` / ``query_shards``: image-shard sets (null: no validation);
@@ -197,7 +197,7 @@ class EvalConfig:
 
 
 @dataclass
-class LogConfig:
+class LogConfig(CheckedConfig):
     """TensorBoard and the console.
 
     - ``every_steps``: updates between scalar logs (averages over the window);
@@ -299,7 +299,7 @@ def _checked(section: str, cls: type, data: Any) -> dict[str, Any]:
     if not isinstance(data, Mapping):
         raise ConfigError(f"section '{section}' must be a mapping of keys, got {data!r}")
     try:
-        check_keys(data.keys(), [f.name for f in dataclasses.fields(cls)], f"section '{section}'")
+        check_keys(data.keys(), cls.field_names(), f"section '{section}'")
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     hints = typing.get_type_hints(cls)
@@ -316,11 +316,9 @@ def _checked(section: str, cls: type, data: Any) -> dict[str, Any]:
     return out
 
 
-def _build(section: str, cls: type, data: Mapping[str, Any]):
+def _build(section: str, cls: type[CheckedConfig], data: Mapping[str, Any]):
     try:
-        if cls is CriterionConfig:
-            return CriterionConfig.coerce(data)
-        return cls(**data)
+        return cls.from_dict(data)
     except ConfigError:
         raise
     except (TypeError, ValueError) as exc:

@@ -4,9 +4,9 @@ from __future__ import annotations
 import dataclasses
 import difflib
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping
+from typing import Any, ClassVar, Iterable, Mapping
 
-__all__ = ["ModelConfig", "check_keys", "image_hw"]
+__all__ = ["CheckedConfig", "ModelConfig", "check_keys", "image_hw"]
 
 
 def check_keys(given: Iterable[str], valid: Iterable[str], where: str) -> None:
@@ -23,6 +23,35 @@ def check_keys(given: Iterable[str], valid: Iterable[str], where: str) -> None:
             raise ValueError(f"unknown key '{key}' in {where}{hint}")
 
 
+class CheckedConfig:
+    """Base of the config dataclasses: built from a mapping whose keys are checked, so a
+    typo in YAML or an override names the nearest valid key instead of being ignored."""
+
+    CONFIG_NAME: ClassVar[str] = "config"   # how errors name the section
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls)]
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]):
+        check_keys(data.keys(), cls.field_names(), cls.CONFIG_NAME)
+        return cls(**dict(data))
+
+    @classmethod
+    def coerce(cls, cfg: Any):
+        """A copy of a config of this class, or one built from a mapping."""
+        if isinstance(cfg, cls):
+            return dataclasses.replace(cfg)
+        if isinstance(cfg, Mapping):
+            return cls.from_dict(cfg)
+        raise TypeError(f"expected a {cls.__name__} or a mapping, got {type(cfg).__name__}")
+
+    def replace(self, **changes: Any):
+        check_keys(changes.keys(), self.field_names(), self.CONFIG_NAME)
+        return dataclasses.replace(self, **changes)
+
+
 def image_hw(size: int | Iterable[int]) -> tuple[int, int]:
     """Normalise an image size given as an int or [H, W] to (H, W)."""
     if isinstance(size, bool):
@@ -36,7 +65,7 @@ def image_hw(size: int | Iterable[int]) -> tuple[int, int]:
 
 
 @dataclass
-class ModelConfig:
+class ModelConfig(CheckedConfig):
     """Everything needed to rebuild an encoder; saved next to its weights.
 
     - ``backbone``: resnet18/34/50/101 or dinov2_small/base/large (timm
@@ -50,6 +79,8 @@ class ModelConfig:
     - ``aggregator``: ``{name: ..., <keyword params>}``; input-side params may be omitted.
     - ``projection_dim``: optional Linear after the aggregator (EarthLoc's 4096 -> 4096).
     """
+
+    CONFIG_NAME = "model config"
 
     backbone: str = "resnet50"
     pretrained: bool | str | None = None
@@ -75,29 +106,8 @@ class ModelConfig:
     def image_hw(self) -> tuple[int, int]:
         return image_hw(self.image_size)
 
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "ModelConfig":
-        check_keys(data.keys(), cls.field_names(), "model config")
-        return cls(**dict(data))
-
-    @classmethod
-    def coerce(cls, cfg: "ModelConfig | Mapping[str, Any]") -> "ModelConfig":
-        if isinstance(cfg, cls):
-            return dataclasses.replace(cfg)
-        if isinstance(cfg, Mapping):
-            return cls.from_dict(cfg)
-        raise TypeError(f"expected a ModelConfig or a mapping, got {type(cfg).__name__}")
-
-    @classmethod
-    def field_names(cls) -> list[str]:
-        return [f.name for f in dataclasses.fields(cls)]
-
     def to_dict(self) -> dict[str, Any]:
         """JSON-friendly dict (tuples become lists)."""
         out = dataclasses.asdict(self)
         out["image_size"] = list(self.image_hw)
         return out
-
-    def replace(self, **changes: Any) -> "ModelConfig":
-        check_keys(changes.keys(), self.field_names(), "model config")
-        return dataclasses.replace(self, **changes)
