@@ -47,9 +47,12 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     from .cli import CommandError
+    from .distributed import leave_process_group
 
     try:
-        return int(args._run(args) or 0)
+        code = int(args._run(args) or 0)
+        leave_process_group()
+        return code
     except (CommandError, ValueError, FileNotFoundError, FileExistsError, IndexError) as exc:
         print(f"error: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}",
               file=sys.stderr)

@@ -45,6 +45,19 @@ def barrier() -> None:
         dist.barrier()
 
 
+def leave_process_group() -> None:
+    """Wait for every rank, then destroy the process group: call it on a clean finish.
+
+    A process that exits with the group alive can abort in interpreter teardown
+    (gloo's threads: "terminate called without an active exception", SIGABRT), so a
+    finished job would fail at random. Not for the error path: a rank that failed
+    must not wait in a barrier for ranks that may be waiting in a collective.
+    """
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def array_task(task_index: int | None = None, num_tasks: int | None = None) -> tuple[int, int]:
     """(task index, task count) from arguments, else from a SLURM array (as in
     ``shard_tools convert``), else (0, 1)."""

@@ -150,7 +150,11 @@ class RunTracker:
                     storage.write_bytes_atomic(storage.join(self.run_dir, rel), f.read())
 
     def finish(self) -> None:
+        """Close the event files. Not ``Accelerator.end_training``: that also destroys
+        the process group, here on the main process only, and the other ranks' final
+        barrier (``leave_process_group``) would then fail."""
         if self.writer is not None:
             self.sync()
-            self.acc.end_training()
+            for tracker in self.acc.trackers:
+                tracker.finish()
             self.writer = None

@@ -88,6 +88,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _error(str(exc))
     except OSError as exc:
         return _error(f"cannot write the run folder: {exc}")
+    from retrieval.distributed import leave_process_group
+
     from .data import NoUsableDataError, error_message
 
     trainer = Trainer(recipe, progress=not args.no_progress)
@@ -102,6 +104,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _error(error_message(exc))
     finally:
         trainer.close()
+    leave_process_group()
     return 0
 
 
