@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 
 from shard_tools import storage
 from shard_tools.jpeg import CorruptImage
+from shard_tools.manifest import load_manifest
 from shard_tools.reader import ReadErrors, iter_samples, list_shards
 
 from .atomic import atomic_path
@@ -52,14 +53,24 @@ def shard_name(url: str) -> str:
 
 def resolve_shards(source: str | Sequence[str],
                    storage_options: Mapping[str, Any] | None = None) -> list[str]:
-    """Shard URLs of a shard set (folder/URL with ``manifest.json``) or an explicit list."""
+    """Shard URLs of an image-shard set (folder/URL with ``manifest.json``) or an explicit list."""
     if isinstance(source, str):
-        return [s.url for s in list_shards(source, storage_options)]
+        return [s.url for s in image_shards(source, storage_options)]
     urls = [str(u) for u in source]
     names = [shard_name(u) for u in urls]
     if len(set(names)) != len(names):
         raise ValueError("two shards have the same file name; their embeddings would collide")
     return urls
+
+
+def image_shards(source: str, storage_options: Mapping[str, Any] | None = None) -> list:
+    """The manifest's shards (URL, sample count) of an image-shard set; a place set is an
+    error, not zero images: its samples hold ``img0.jpg``..., not one ``jpg``."""
+    kind = load_manifest(source, storage_options).get("kind")
+    if kind not in (None, "images"):
+        raise ValueError(f"{source} holds {kind} shards; embedding reads image shards "
+                         "(shard_tools convert --kind images)")
+    return list_shards(source, storage_options)
 
 
 # ---------------------------------------------------------------- encoding
@@ -254,6 +265,8 @@ def embed_shards(encoder: nn.Module, shards: str | Sequence[str], output: str,
     urls = resolve_shards(shards, storage_options)
     if not urls:
         raise ValueError("no shards to embed")
+    expected = ({s.url: s.samples for s in image_shards(shards, storage_options)}
+                if isinstance(shards, str) else {})
     names = [shard_name(u) for u in urls]
     params = {"format_version": FORMAT_VERSION, "model": model_name, "dtype": dtype,
               "rotations": list(rotations), "image_size": list(image_size),
@@ -280,8 +293,17 @@ def embed_shards(encoder: nn.Module, shards: str | Sequence[str], output: str,
         with tqdm(total=None, unit="img", desc=f"embed (rank {rank})", disable=not progress,
                   position=rank if world_size > 1 else None) as bar:
             for url, name in todo:
+                before = (errors.count, stats.images + stats.bad_samples)
                 rows, records = embed_shard(encoder, url, image_size, rotations, batch_size,
                                             workers, storage_options, errors, bar, stats)
+                seen = stats.images + stats.bad_samples - before[1]
+                want = expected.get(url, seen)
+                if errors.count > before[0] or seen != want:
+                    # a broken tail would be a silent hole in the database: write nothing
+                    # for this shard, so a re-run after the shard is restored embeds it
+                    raise ValueError(f"shard {name} read incompletely ({seen} of {want} samples"
+                                     f"{'; ' + errors.last if errors.count > before[0] else ''}); "
+                                     "nothing written for it, shards already embedded are kept")
                 write_shard_embeddings(output, name, rows, records, dtype)
                 stats.shards_written += 1
                 stats.rows += len(rows)

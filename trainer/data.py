@@ -133,6 +133,9 @@ class DataConfig(CheckedConfig):
                 raise ValueError(f"data.{name} must be >= 1, got {getattr(self, name)!r}")
         if self.workers < 0:
             raise ValueError(f"data.workers must be >= 0, got {self.workers}")
+        if self.read_retries < 0 or not self.loader_timeout >= 0:
+            raise ValueError("data.read_retries and data.loader_timeout must be >= 0, got "
+                             f"{self.read_retries} and {self.loader_timeout}")
         if self.steps_per_epoch is not None and self.steps_per_epoch < 1:
             raise ValueError(f"data.steps_per_epoch must be >= 1 or null, got {self.steps_per_epoch}")
         if self.batch_grouping not in GROUPINGS:

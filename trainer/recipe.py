@@ -167,6 +167,9 @@ class EvalConfig(CheckedConfig):
         _one_of(self.protocol, PROTOCOLS, "eval.protocol")
         if bool(self.database_shards) != bool(self.query_shards):
             raise ConfigError("eval.database_shards and eval.query_shards go together")
+        if not self.ks or any(not isinstance(k, int) or isinstance(k, bool) or k < 1
+                              for k in self.ks):
+            raise ConfigError(f"eval.ks must be integers >= 1, got {self.ks}")
         m = _METRIC.match(str(self.metric))
         if not m:
             raise ConfigError(f"eval.metric must look like R@5, got {self.metric!r}")
@@ -174,6 +177,13 @@ class EvalConfig(CheckedConfig):
             raise ConfigError(f"eval.metric {self.metric} needs {m.group(1)} in eval.ks {self.ks}")
         if self.regions and self.protocol != "apl":
             raise ConfigError("eval.regions apply to protocol apl only")
+        if self.regions:
+            from shard_tools.regions import resolve_regions
+
+            try:   # a typo fails here, not after the first epoch
+                resolve_regions(self.regions)
+            except ValueError as exc:
+                raise ConfigError(f"eval.regions: {exc}") from None
         bad = [r for r in self.rotations if r not in (0, 90, 180, 270)]
         if bad or not self.rotations:
             raise ConfigError(f"eval.rotations must be multiples of 90 in [0, 360), got {self.rotations}")

@@ -30,9 +30,10 @@ def run_cli(*args, env=None, cwd=None, timeout=300) -> subprocess.CompletedProce
                           text=True, env=env or run_env(), cwd=cwd or REPO, timeout=timeout)
 
 
-def convert(src: Path, dst: Path, fmt: str = "earthloc", shard_size: int = 4) -> Path:
+def convert(src: Path, dst: Path, fmt: str = "earthloc", shard_size: int = 4,
+            kind: str = "images") -> Path:
     proc = subprocess.run([PYTHON, "-m", "shard_tools", "convert", "--format", fmt, "--kind",
-                           "images", "--input", str(src), "--output", str(dst), "--shard-size",
+                           kind, "--input", str(src), "--output", str(dst), "--shard-size",
                            str(shard_size), "--no-progress"], capture_output=True, text=True,
                           env=run_env())
     assert proc.returncode == 0, proc.stderr

@@ -83,6 +83,31 @@ def test_other_arguments_are_refused(tile_shards, tmp_path):
                      progress=False)
 
 
+def test_truncated_shard_writes_nothing_for_it_and_resumes_once_restored(tile_shards, tmp_path):
+    import shutil
+
+    shards = tmp_path / "shards"
+    shutil.copytree(tile_shards, shards)
+    victim = shards / "images-000003.tar"
+    good = victim.read_bytes()
+    victim.write_bytes(good[: len(good) // 2])          # a tar cut mid-stream
+    enc, out = tiny_encoder(), tmp_path / "emb"
+    with pytest.raises(ValueError, match=r"shard images-000003 read incompletely \(\d of 4 samples"):
+        embed_shards(enc, str(shards), str(out), (32, 32), progress=False)
+    assert not (out / "images-000003.npy").exists() and not (out / "embeddings.json").exists()
+    assert (out / "images-000002.npy").exists()        # the shards before it are kept
+    victim.write_bytes(good)
+    stats = embed_shards(enc, str(shards), str(out), (32, 32), progress=False)
+    assert stats.shards_skipped == 3 and stats.written[0] == "images-000003"
+    assert stats.complete and len(Embeddings.open(str(out))) == 24
+
+
+def test_a_place_shard_set_is_refused(tile_shards, tmp_path):
+    places = convert(tile_shards.parent / "db", tmp_path / "places", kind="places")
+    with pytest.raises(ValueError, match="holds places shards; embedding reads image shards"):
+        embed_shards(tiny_encoder(), str(places), str(tmp_path / "emb"), (32, 32), progress=False)
+
+
 def test_cli_bad_inputs_are_one_line(tile_shards, encoder_dir, tmp_path):
     # a missing shard
     broken = tmp_path / "broken"

@@ -56,11 +56,11 @@ def image_hw(size: int | Iterable[int]) -> tuple[int, int]:
     """Normalise an image size given as an int or [H, W] to (H, W)."""
     if isinstance(size, bool):
         raise ValueError(f"image_size must be an int or [H, W], got {size!r}")
-    if isinstance(size, int):
-        return (size, size)
-    values = tuple(int(v) for v in size)
+    values = (size, size) if isinstance(size, int) else tuple(int(v) for v in size)
     if len(values) != 2:
         raise ValueError(f"image_size must be an int or [H, W], got {size!r}")
+    if min(values) < 1:
+        raise ValueError(f"image_size must be positive, got {size!r}")
     return values  # type: ignore[return-value]
 
 
@@ -100,6 +100,8 @@ class ModelConfig(CheckedConfig):
             raise ValueError("model.aggregator must be a mapping with a 'name' key")
         self.aggregator = dict(self.aggregator)
         self.image_size = image_hw(self.image_size)
+        if self.projection_dim is not None and self.projection_dim < 1:
+            raise ValueError(f"model.projection_dim must be >= 1 or null, got {self.projection_dim}")
         self.layers_to_crop = sorted(int(v) for v in (self.layers_to_crop or []))
 
     @property
