@@ -53,9 +53,10 @@ def main(argv: list[str] | None = None) -> int:
         code = int(args._run(args) or 0)
         leave_process_group()
         return code
-    except (CommandError, ValueError, FileNotFoundError, FileExistsError, IndexError) as exc:
-        print(f"error: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}",
-              file=sys.stderr)
+    except (CommandError, ValueError, OSError, IndexError) as exc:
+        from shard_tools.cli import error_line
+
+        print(f"error: {error_line(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)

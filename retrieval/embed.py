@@ -204,7 +204,7 @@ def _check_params(output: str, params: dict) -> None:
                              f"({', '.join(changed)} differ); use a new output folder or "
                              "delete it")
         return
-    os.makedirs(output, exist_ok=True)
+    storage.makedirs(output)
     storage.write_json_atomic(path, params)
 
 

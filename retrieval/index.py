@@ -15,6 +15,7 @@ lock, the others wait and read it.
 """
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import logging
@@ -155,7 +156,12 @@ def train_index(emb: Embeddings, factory: str, train_size: int | None = None,
         x = emb.take(rows)
         log.info("training %s on %d of %d rows", factory, len(x), len(emb))
         work = _to_gpu(index) if ivf_of(index) is not None else index
-        work.train(x)
+        try:
+            work.train(x)
+        except RuntimeError as exc:   # e.g. fewer rows than IVF lists or PQ centroids
+            text = str(exc)
+            reason = text.split("Error: ", 1)[-1].splitlines()[0] if text else "failed"
+            raise ValueError(f"cannot train {factory} on {len(x)} rows: {reason}") from None
         index = _from_gpu(work) if work is not index else index
     return index
 
@@ -312,7 +318,7 @@ def build_index(embeddings: "Embeddings | str | np.ndarray", output: str | None 
                  for i in numbers]
         return ShardedIndex(built, emb.dim, factory, meta)
     root = storage.normalize(output)
-    os.makedirs(root, exist_ok=True)
+    storage.makedirs(root)
     meta_path = os.path.join(root, INDEX_META)
     if os.path.exists(meta_path):
         with open(meta_path) as f:
@@ -327,7 +333,14 @@ def build_index(embeddings: "Embeddings | str | np.ndarray", output: str | None 
         meta["merged"] = old.get("merged")
     else:
         storage.write_json_atomic(meta_path, meta)
-    trained = _load_or_train(root, emb, factory, train_size, seed)
+    try:
+        trained = _load_or_train(root, emb, factory, train_size, seed)
+    except ValueError:
+        if not any(n.endswith(".index") for n in os.listdir(root)):
+            for name in (INDEX_META, ".train.lock"):   # nothing built: leave no folder state
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(os.path.join(root, name))
+        raise
     for i in numbers:
         path = os.path.join(root, shard_file(i))
         if os.path.exists(path):

@@ -28,15 +28,6 @@ def version() -> str:
         return "0+unknown"
 
 
-def _error_line(exc: BaseException) -> str:
-    """``<path>: <reason>`` for OS errors that name a file, the message otherwise."""
-    if isinstance(exc, OSError) and exc.filename is not None and exc.strerror:
-        where = exc.filename if exc.filename2 is None else f"{exc.filename} -> {exc.filename2}"
-        return f"{where}: {exc.strerror}"
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
-
-
 def _load(name: str):
     return importlib.import_module(f"shard_tools.cli.{name.replace('-', '_')}")
 
@@ -79,6 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "_run", None):
         parser.print_help()
         return 2
+    from .cli import error_line
     from .convert import Terminated, _raise_terminated
 
     previous = signal.signal(signal.SIGTERM, _raise_terminated)  # SIGTERM ends as Ctrl-C does
@@ -87,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     except (CommandError, ValueError, OSError, RuntimeError) as exc:
         # bad input, unusable output (permission, read-only, full disk, not a folder),
         # malformed bookkeeping, a held lock: one line, exit 2
-        print(f"error: {_error_line(exc)}", file=sys.stderr)
+        print(f"error: {error_line(exc)}", file=sys.stderr)
         return 2
     except Terminated:
         print("error: terminated", file=sys.stderr)

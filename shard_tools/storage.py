@@ -297,7 +297,19 @@ def check_output_file(url: str, storage_options: Mapping[str, Any] | None = None
 
 def makedirs(url: str, storage_options: Mapping[str, Any] | None = None) -> None:
     if not is_remote(url):
-        os.makedirs(normalize(url), exist_ok=True)
+        _makedirs_local(normalize(url))
+
+
+def _makedirs_local(folder: str) -> None:
+    """``os.makedirs`` that names the file in the way (``exist_ok`` alone says "File exists")."""
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        blocker = folder
+        while blocker and not os.path.isfile(blocker):
+            blocker = os.path.dirname(blocker)
+        raise NotADirectoryError(errno.ENOTDIR, "a file is in the way of this folder",
+                                 blocker or folder) from None
 
 
 def write_bytes_atomic(url: str, data: bytes,
@@ -312,8 +324,10 @@ def write_bytes_atomic(url: str, data: bytes,
         fs.pipe_file(path, data)
         return
     url = normalize(url)
+    if os.path.isdir(url):
+        raise IsADirectoryError(errno.EISDIR, "is a folder, not a file to write", url)
     folder = os.path.dirname(os.path.abspath(url))
-    os.makedirs(folder, exist_ok=True)
+    _makedirs_local(folder)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(url))
     try:
         with os.fdopen(fd, "wb") as f:

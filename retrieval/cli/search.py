@@ -46,8 +46,8 @@ def run(args) -> int:
     from ..index import INDEX_META, ShardedIndex
     from ..search import dedupe, search_distributed
 
-    if args.k < 1:
-        raise CommandError("-k must be >= 1")
+    if args.k < 1 or args.batch_size < 1:
+        raise CommandError(f"-k and --batch-size must be >= 1, got {args.k} and {args.batch_size}")
     params = search_params(args)
     rank, world = init_process_group_from_env()
     meta_path = os.path.join(args.index, INDEX_META)

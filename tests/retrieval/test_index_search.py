@@ -114,6 +114,35 @@ def test_dimension_mismatch_and_bad_factory_are_errors():
         build_index(unit_rows(50, 8), None, "NoSuchIndex", progress=False)
 
 
+def test_cli_untrainable_index_and_unusable_outputs_are_one_line(tmp_path):
+    emb = write_embeddings(tmp_path / "emb", unit_rows(60, 8, 3), 30)
+    qemb = write_embeddings(tmp_path / "q", unit_rows(4, 8, 4), 4)
+    idx = tmp_path / "idx"
+
+    def cli(*args):
+        proc = subprocess.run([PYTHON, "-m", "retrieval", *map(str, args), "--no-progress"],
+                              env=run_env(), capture_output=True, text=True)
+        lines = [ln for ln in proc.stderr.strip().splitlines() if not ln.startswith("INFO")]
+        return proc.returncode, lines
+
+    # more IVF lists than rows: FAISS's error as one line, and the folder stays reusable
+    code, err = cli("index", "--embeddings", emb, "--output", idx, "--factory", "IVF64,Flat")
+    assert code == 2 and len(err) == 1 and err[0].startswith(
+        "error: cannot train IVF64,Flat on 60 rows:") and "(60)" in err[0], err
+    assert cli("index", "--embeddings", emb, "--output", idx, "--factory", "IVF4,Flat")[0] == 0
+    (tmp_path / "file").write_text("x")
+    (tmp_path / "folder").mkdir()
+    search_args = ("search", "--index", idx, "--queries", qemb, "-k", "3", "--output")
+    assert cli(*search_args, tmp_path / "folder") == (
+        2, [f"error: {tmp_path / 'folder'}: is a folder, not a file to write"])
+    assert cli(*search_args, tmp_path / "file" / "r.jsonl") == (
+        2, [f"error: {tmp_path / 'file'}: a file is in the way of this folder"])
+    assert cli("index", "--embeddings", emb, "--output", tmp_path / "file" / "idx") == (
+        2, [f"error: {tmp_path / 'file'}: a file is in the way of this folder"])
+    assert cli(*search_args, tmp_path / "r.jsonl", "--batch-size", "0") == (
+        2, ["error: -k and --batch-size must be >= 1, got 3 and 0"])
+
+
 def test_dedupe_keeps_best_rotation_of_each_image():
     # 3 images x 4 rotations: rows 4*i + r belong to image i
     groups = np.repeat(np.arange(3), 4)
