@@ -15,8 +15,8 @@ from typing import Callable, Sequence
 log = logging.getLogger("trainer")
 
 INSPECT_EXAMPLES = """examples:
-  python -m trainer inspect-data --shards runs/demo/places --steps 3
-  python -m trainer inspect-data --config configs/earthloc.yaml data.train_shards=runs/demo/places \\
+  python -m trainer inspect-data --shards runs/demo/shards/train-places --steps 3
+  python -m trainer inspect-data --config configs/earthloc.yaml data.train_shards=runs/demo/shards/train-places \\
       --rank 1 --world-size 2 --epoch 3 --steps 5
   python -m trainer inspect-data --shards s3://bucket/places data.places_per_batch=8 \\
       data.batch_grouping=spatial --no-decode
@@ -58,7 +58,7 @@ def inspect_data(argv: Sequence[str]) -> int:
     from .config import apply_overrides, load_recipe
     from .data import DataConfig, NoUsableDataError, build_train_data, error_message
 
-    args = _inspect_parser().parse_args(list(argv))
+    args = _inspect_parser().parse_intermixed_args(list(argv))
     try:
         recipe = load_recipe(args.config) if args.config else {}
         recipe = apply_overrides(recipe, args.overrides)

@@ -165,8 +165,9 @@ def run_step(step: Step, env: dict) -> float:
     t0 = time.perf_counter()
     proc = subprocess.run(step.argv, env=env)
     if proc.returncode != 0:
-        raise SystemExit(f"error: demo step '{step.name}' failed with exit code {proc.returncode}:"
-                         f" {step.shell()}")
+        print(f"error: demo step '{step.name}' failed with exit code {proc.returncode}: "
+              f"{step.shell()}", file=sys.stderr)
+        raise SystemExit(2)
     return time.perf_counter() - t0
 
 
@@ -191,10 +192,21 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = _parser().parse_intermixed_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if not Path(args.recipe).is_file():
         print(f"error: {args.recipe}: no such recipe", file=sys.stderr)
+        return 2
+    if args.workers < 1 or args.localize < 0:
+        print(f"error: --workers must be >= 1 and --localize >= 0, got {args.workers} and "
+              f"{args.localize}", file=sys.stderr)
+        return 2
+    from .recipe import ConfigError, Recipe
+
+    try:   # a typo in an override fails now, not after the data steps
+        Recipe.load(args.recipe, list(args.overrides))
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
         return 2
     plan = DemoPlan(Path(args.output), args.recipe, list(args.overrides), args.workers,
                     args.localize, python=sys.executable)

@@ -8,10 +8,10 @@ from . import CommandError, add_common, load_model, model_label, parse_ints
 HELP = "embed image shards with a saved encoder (per-shard .npy + .jsonl, resumable)"
 EXAMPLES = """\
   # one process; the database at EarthLoc's 4 rotations, stored as float16
-  python -m retrieval embed --model runs/demo/best --shards runs/demo/shards/database \\
+  python -m retrieval embed --model runs/demo/train/final --shards runs/demo/shards/database \\
       --output runs/demo/emb/database --rotations 0,90,180,270 --dtype float16
   # every GPU of a node (ranks take disjoint shards)
-  accelerate launch -m retrieval embed --model runs/demo/best \\
+  accelerate launch -m retrieval embed --model runs/demo/train/final \\
       --shards s3://bucket/earthloc/db --output emb/db
   # a SLURM array of 8 tasks (index/count from SLURM_ARRAY_TASK_ID/COUNT)
   sbatch --array=0-7 --wrap "python -m retrieval embed --model best --shards shards/db --output emb/db"

@@ -12,7 +12,7 @@ from . import (CommandError, add_common, add_search_params, load_model, model_la
 HELP = "evaluate recall@K end to end: embed (cached), index, search, ground truth, per region"
 EXAMPLES = """\
   # APL on the six EarthLoc test regions (database at 4 rotations, recall with and without dedupe)
-  python -m retrieval evaluate --model runs/demo/best --database runs/demo/shards/database \\
+  python -m retrieval evaluate --model runs/demo/train/final --database runs/demo/shards/database \\
       --queries runs/demo/shards/queries-test --protocol apl --regions earthloc-test \\
       --output runs/demo/report.json
   # chosen regions, an approximate index

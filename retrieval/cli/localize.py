@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 
-from . import CommandError, add_common, add_search_params, load_model, search_params
+from . import CommandError, add_common, add_search_params, load_model, model_label, search_params
 
 HELP = "localize photographs: top-k footprints as GeoJSON (RFC 7946), optionally a map PNG"
 EXAMPLES = """\
-  python -m retrieval localize --model runs/demo/best --index runs/demo/index \\
+  python -m retrieval localize --model runs/demo/train/final --index runs/demo/index \\
       photo1.jpg photo2.jpg --top-k 10 --output out.geojson --map out.png
 
 The index must have been built from embeddings made by the same encoder. With
@@ -45,6 +46,11 @@ def run(args) -> int:
         raise CommandError(f"{args.index} names no source embeddings")
     database = Embeddings.open(index.embeddings)
     model, size, dim = load_model(args.model)
+    made_by = database.meta.get("model")
+    if made_by and made_by != model_label(args.model):
+        logging.getLogger(__name__).warning(
+            "the index's embeddings were made by %s, not by --model %s: the photographs and "
+            "the database are embedded by different weights", made_by.split("@")[0], args.model)
     if dim != index.dim:
         raise CommandError(f"dimension mismatch: the index holds {index.dim}-d vectors, "
                            f"the encoder makes {dim}-d")

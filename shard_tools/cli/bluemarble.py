@@ -14,7 +14,7 @@ EXAMPLES = """\
   python -m shard_tools bluemarble --output runs/big --zooms 8,9,10 --size 512 --queries 5000
   python -m shard_tools bluemarble --output runs/own --source world_8k.jpg --test-regions alps,gobi
   python -m shard_tools convert --format earthloc --kind places \\
-      --input runs/demo/bluemarble/database --output runs/demo/shards/db
+      --input runs/demo/bluemarble/database --output runs/demo/shards/train-places
 
 layout: DIR/database/<year>_<zoom:02d>/<lat10>_<lon10>/<name>, DIR/queries/{train,test}/<name>,
 DIR/bluemarble.json (arguments, counts, test regions), DIR/database-<year>.txt (one year's tiles,
