@@ -52,6 +52,7 @@ def test_localize_writes_valid_geojson_and_a_map(tiny_apl, encoder_dir, tmp_path
     proc = run_cli("localize", "--model", encoder_dir, "--index", idx, *images, "--top-k", "3",
                    "--output", out, "--map", png)
     assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "made by" not in proc.stderr
     doc = json.loads(out.read_text())
     assert doc["type"] == "FeatureCollection"
     preds = [f for f in doc["features"] if f["properties"]["role"] == "prediction"]
@@ -67,6 +68,14 @@ def test_localize_writes_valid_geojson_and_a_map(tiny_apl, encoder_dir, tmp_path
     for i in range(2):
         with Image.open(tmp_path / f"map-{i}.png") as im:
             assert im.height == 512 and im.width > 512      # map + query beside it
+    # an encoder other than the one that made the index's embeddings: said, not silent
+    import shutil
+
+    other = shutil.copytree(encoder_dir, tmp_path / "other-encoder")
+    proc = run_cli("localize", "--model", other, "--index", idx, images[0], "--output",
+                   tmp_path / "o2.geojson")
+    assert proc.returncode == 0 and "WARNING" in proc.stderr
+    assert f"made by {encoder_dir}, not by --model {other}" in proc.stderr
 
 
 @pytest.mark.parametrize("lat, lon, text", [(90.0, -289.5, "90.0N 70.5E"), (-12.25, 10.0, "12.2S 10.0E"),
