@@ -30,7 +30,6 @@ from tqdm.auto import tqdm
 
 from shard_tools import storage
 from shard_tools.jpeg import CorruptImage
-from shard_tools.manifest import load_manifest
 from shard_tools.reader import ReadErrors, iter_samples, list_shards
 
 from .atomic import atomic_path
@@ -55,22 +54,12 @@ def resolve_shards(source: str | Sequence[str],
                    storage_options: Mapping[str, Any] | None = None) -> list[str]:
     """Shard URLs of an image-shard set (folder/URL with ``manifest.json``) or an explicit list."""
     if isinstance(source, str):
-        return [s.url for s in image_shards(source, storage_options)]
+        return [s.url for s in list_shards(source, storage_options, "images", "embedding")]
     urls = [str(u) for u in source]
     names = [shard_name(u) for u in urls]
     if len(set(names)) != len(names):
         raise ValueError("two shards have the same file name; their embeddings would collide")
     return urls
-
-
-def image_shards(source: str, storage_options: Mapping[str, Any] | None = None) -> list:
-    """The manifest's shards (URL, sample count) of an image-shard set; a place set is an
-    error, not zero images: its samples hold ``img0.jpg``..., not one ``jpg``."""
-    kind = load_manifest(source, storage_options).get("kind")
-    if kind not in (None, "images"):
-        raise ValueError(f"{source} holds {kind} shards; embedding reads image shards "
-                         "(shard_tools convert --kind images)")
-    return list_shards(source, storage_options)
 
 
 # ---------------------------------------------------------------- encoding
@@ -262,11 +251,14 @@ def embed_shards(encoder: nn.Module, shards: str | Sequence[str], output: str,
     if isinstance(image_size, int):
         image_size = (image_size, image_size)
     rotations = check_rotations(rotations)
-    urls = resolve_shards(shards, storage_options)
+    if isinstance(shards, str):   # a shard set: its manifest says how many samples to expect
+        infos = list_shards(shards, storage_options, "images", "embedding")
+        expected = {s.url: s.samples for s in infos}
+        urls = list(expected)
+    else:
+        urls, expected = resolve_shards(shards), {}
     if not urls:
         raise ValueError("no shards to embed")
-    expected = ({s.url: s.samples for s in image_shards(shards, storage_options)}
-                if isinstance(shards, str) else {})
     names = [shard_name(u) for u in urls]
     params = {"format_version": FORMAT_VERSION, "model": model_name, "dtype": dtype,
               "rotations": list(rotations), "image_size": list(image_size),

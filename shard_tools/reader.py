@@ -27,11 +27,16 @@ class ShardInfo:
     sha256: str
 
 
-def list_shards(dataset: str, storage_options: Mapping[str, Any] | None = None
-                ) -> list[ShardInfo]:
-    """Shards of a shard set, in manifest order, as full URLs."""
+def list_shards(dataset: str, storage_options: Mapping[str, Any] | None = None,
+                kind: str | None = None, reader: str = "this command") -> list[ShardInfo]:
+    """Shards of a shard set, in manifest order, as full URLs. With ``kind`` (images or
+    places) a set of the other kind is an error naming ``reader``, not a stream of samples
+    without the expected members."""
     root = storage.dataset_root(dataset)
     manifest = load_manifest(root, storage_options)
+    if kind is not None and manifest["kind"] != kind:
+        raise ValueError(f"{dataset} holds {manifest['kind']} shards; {reader} reads "
+                         f"{kind.rstrip('s')} shards (shard_tools convert --kind {kind})")
     return [ShardInfo(storage.join(root, s["name"]), s["samples"], s["images"], s["bytes"],
                       s["sha256"]) for s in manifest["shards"]]
 

@@ -472,8 +472,9 @@ class _Stream:
                 else:
                     buf.append(nxt)
             if not buf:
-                raise NoUsableDataError(f"no usable place in the shards of rank {self.o.rank}, "
-                                   f"stream {self.stream} (all skipped: {self.counts.total})")
+                raise NoUsableDataError(
+                    f"no usable place in the shards of rank {self.o.rank}, stream "
+                    f"{self.stream} (all skipped: {self.counts.total})")
             chosen = pick(buf, P, rng)
             picked = [buf[i] for i in chosen]
             for i in sorted(chosen, reverse=True):
@@ -702,7 +703,8 @@ class TrainData:
         self.cfg, self.rank, self.world_size = cfg, rank, world_size
         self.image_size = image_hw(image_size)
         storage.register_webdataset_schemes(cfg.storage_options or None)
-        self.shards = reader.list_shards(cfg.train_shards, cfg.storage_options or None)
+        self.shards = reader.list_shards(cfg.train_shards, cfg.storage_options or None, "places",
+                                         "training")
         plan = plan_epoch(self.shards, cfg, world_size, 0)
         if plan.resample and not cfg.resample:
             log.warning("%d shards for %d ranks x %d streams: resampling shards (places may "

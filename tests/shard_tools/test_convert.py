@@ -294,6 +294,9 @@ def test_file_urls_and_manifest_paths_work_like_folders(earthloc, tmp_path):
     assert main(["verify", str(out / "manifest.json"), "--no-progress"]) == 0
     assert main(["verify", f"file://{out}", "--no-progress"]) == 0
     assert len(list_shards(f"file://{out}/manifest.json")) == 3
+    assert len(list_shards(str(out), kind="images")) == 3
+    with pytest.raises(ValueError, match="holds images shards; training reads place shards"):
+        list_shards(str(out), kind="places", reader="training")
     # the storage layer itself treats file:// as a local path (any command's --output)
     from shard_tools import storage
     storage.write_bytes_atomic(f"file://{tmp_path}/deep/x.json", b"{}")
