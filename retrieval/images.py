@@ -5,16 +5,22 @@ Evaluation sees images the way training does: decoded at reduced DCT scale
 ``(H, W)`` and normalised with the ImageNet mean and std that every backbone
 in ``trainer.models`` was pre-trained with. Rotations are counter-clockwise
 multiples of 90 degrees (EarthLoc embeds each database tile at 0/90/180/270).
+
+Photographs given to ``localize`` come from cameras, not from shards: they are
+turned upright by their EXIF orientation (as ``shard_tools convert --max-side``
+does) and decoded at reduced DCT scale, so a 12000 x 12000 JPEG costs a few MB.
 """
 from __future__ import annotations
 
+import io
+import warnings
 from typing import Sequence
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps, UnidentifiedImageError
 
-from shard_tools.jpeg import decode_jpeg
+from shard_tools.jpeg import decode_jpeg, exif_orientation
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -56,3 +62,45 @@ def load_views(data: bytes, size_hw: tuple[int, int], rotations: Sequence[int]
     """One tensor per rotation of a JPEG, decoded once at reduced size."""
     image = decode_jpeg(data, draft_side=max(size_hw))
     return [to_tensor(rotate(image, r), size_hw) for r in rotations]
+
+
+def decode_photo(data: bytes, min_side: int, name: str = "image") -> Image.Image:
+    """An upright RGB photograph whose shorter side is at least ``min_side`` (when the file
+    is that large), decoded at reduced DCT scale; ``ValueError`` naming ``name`` otherwise.
+
+    JPEGs are decoded in draft mode (1/2, 1/4 or 1/8 scale), so Pillow's
+    decompression-bomb warning, meant for full-size decodes, does not apply; a file
+    that would still decode above ``Image.MAX_IMAGE_PIXELS`` (a huge PNG) is refused.
+    """
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+        orientation = exif_orientation(image)
+        image.draft("RGB", (min_side, min_side))
+        _check_decoded_size(image, name)
+        image.load()
+        if orientation != 1:
+            image = ImageOps.exif_transpose(image)
+        return image.convert("RGB") if image.mode != "RGB" else image
+    except Image.DecompressionBombError as exc:
+        raise ValueError(f"{name}: too large to decode ({exc})") from None
+    except UnidentifiedImageError:
+        raise ValueError(f"{name}: not an image Pillow can read") from None
+    except (OSError, SyntaxError) as exc:
+        raise ValueError(f"{name}: cannot decode image ({exc})") from None
+
+
+def _check_decoded_size(image: Image.Image, name: str) -> None:
+    limit = Image.MAX_IMAGE_PIXELS
+    w, h = image.size
+    if limit and w * h > limit:
+        raise ValueError(f"{name}: {image.format or 'image'} of {w}x{h} pixels is too large to "
+                         f"decode (more than {limit:,}); give a JPEG or a smaller image")
+
+
+def load_photo(path: str, min_side: int) -> Image.Image:
+    """``decode_photo`` of a local file (a missing file is an ``OSError`` naming it)."""
+    with open(path, "rb") as f:
+        data = f.read()
+    return decode_photo(data, min_side, path)
