@@ -2,16 +2,36 @@
 
 Layout of an embeddings folder ``EMB/``::
 
-    EMB/params.json          what is being embedded (model, rotations, dtype, shards);
-                             written first, identical for every rank and array task
+    EMB/params.json          what is being embedded (model, encoder, rotations, dtype,
+                             shards and their manifest sha256); written first, identical
+                             for every rank and array task
+    EMB/<shard>.source.json  what the shard was made from: its URL and manifest sha256
+                             (written before the rows, so a changed shard is seen)
     EMB/<shard>.jsonl        the metadata record of each row, plus "rotation" and "image"
     EMB/<shard>.npy          L2-normalised rows, one per image and rotation (image-major);
                              written last (atomically): its presence marks the shard done
-    EMB/embeddings.json      model, dim, dtype, rotations, shards in order, rows per shard
+    EMB/embeddings.json      what readers use (below)
 
 Global row ids are the row order over ``shards``. A killed run re-run with the
-same arguments skips complete shards. Each (array task, rank) takes every
-``parts``-th shard, so ranks never write the same file.
+same arguments skips complete shards; a shard whose manifest sha256 differs from
+the one it was embedded from is embedded again (and logged). Each (array task,
+rank) takes every ``parts``-th shard, so ranks never write the same file.
+
+``embeddings.json`` (embeddings brought from elsewhere need only ``shards``, the
+``.npy`` files, and the ``.jsonl`` files where records are read)::
+
+    shards        required: names in row order; EMB/<name>.npy is a [rows, dim] float16 or
+                  float32 array, EMB/<name>.jsonl one JSON record per row (read by search,
+                  evaluate and localize: "key" names the image, default <shard>:<image or
+                  row>; "rotation" in degrees, default 0; "footprint" for apl, "utm" for vpr)
+    shard_rows    rows of each shard (derived from the .npy files; checked when given)
+    rows, dim     total rows, descriptor size (derived; checked when given)
+    dtype         storage type (derived from the .npy files)
+    rotations     degrees embedded (derived from the records)
+    digest        embeddings_digest of the rows (derived: computed when absent)
+    encoder       {"path", "weights_sha256"} of the encoder, null when unknown
+    shard_sha256  manifest sha256 of each source shard, null where unknown
+    model, image_size, sources, format_version   informative
 """
 from __future__ import annotations
 
@@ -35,12 +55,17 @@ from shard_tools.reader import ReadErrors, iter_samples, list_shards
 from .atomic import atomic_path
 from .distributed import take_part
 from .images import check_rotations, load_views
+from .provenance import describe_encoder, embeddings_digest, same_encoder
 
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 PARAMS = "params.json"
 META = "embeddings.json"
+SOURCE_SUFFIX = ".source.json"
+# params.json keys that say where the inputs came from, checked on their own terms
+# (per shard, per encoder) rather than as arguments that must not change
+PROVENANCE_KEYS = ("model", "encoder", "shard_sha256")
 DTYPES = ("float32", "float16")
 
 
@@ -66,10 +91,12 @@ def resolve_shards(source: str | Sequence[str],
 
 @dataclass
 class EmbedStats:
-    """What one call did: shards written/skipped, images embedded, bad samples skipped."""
+    """What one call did: shards written/skipped/changed since embedded, images embedded, bad
+    samples skipped."""
 
     shards_written: int = 0
     shards_skipped: int = 0
+    shards_changed: int = 0
     images: int = 0
     rows: int = 0
     bad_samples: int = 0
@@ -109,7 +136,8 @@ def _decode(args: tuple[dict, tuple[int, int], tuple[int, ...]]):
         return sample, None, str(exc)
 
 
-def _record(sample: Mapping[str, Any]) -> dict:
+def sample_record(sample: Mapping[str, Any]) -> dict:
+    """A sample's JSON record as embeddings store it (its key added)."""
     raw = sample.get("json")
     rec = json.loads(raw) if raw else {}
     if not isinstance(rec, dict):
@@ -148,7 +176,7 @@ def embed_shard(encoder: nn.Module, url: str, image_size: tuple[int, int],
                 stats.bad_samples += 1
                 log.warning("skipping %s in %s: %s", sample["__key__"], url, why)
                 continue
-            rec = _record(sample)
+            rec = sample_record(sample)
             n_img = len(records) // len(rotations)
             for r, view in zip(rotations, views):
                 records.append({**rec, "rotation": r, "image": n_img})
@@ -182,19 +210,75 @@ def write_shard_embeddings(output: str, name: str, rows: np.ndarray, records: Se
                   lambda f: np.save(f, np.ascontiguousarray(rows, dtype=np.dtype(dtype))))
 
 
+def _read_json(path: str) -> Any:
+    """A JSON file; a ValueError naming the file when it is not JSON."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path}: not valid JSON ({exc})") from None
+
+
+def check_same_encoder(a: Mapping[str, Any] | None, b: Mapping[str, Any] | None,
+                       what_a: str = "the database", what_b: str = "the queries") -> None:
+    """Refuse (ValueError) two sets of embeddings whose encoders' weights differ: their
+    vectors live in different spaces, so a search over both is meaningless. Unknown
+    encoders (in-memory models, foreign embeddings) are not refused: nothing to compare."""
+    if same_encoder(a, b) is False:
+        raise ValueError(f"{what_a} and {what_b} come from different encoders: "
+                         f"{describe_encoder(a)} and {describe_encoder(b)}; embed both with "
+                         "one encoder (or pass --allow-mixed-encoders)")
+
+
+def _check_encoder(output: str, old: Mapping[str, Any], new: Mapping[str, Any]) -> None:
+    """The folder's encoder must be the one embedding now: by weights digest when both
+    are known (the path may differ), else by the recorded model name as before."""
+    same = same_encoder(old.get("encoder"), new.get("encoder"))
+    if same is None:
+        same = old.get("model") == new.get("model")
+    if not same:
+        was = describe_encoder(old.get("encoder") or old.get("model"))
+        raise ValueError(f"{output} holds embeddings of encoder {was}, not of "
+                         f"{describe_encoder(new.get('encoder') or new.get('model'))}; use a "
+                         "new output folder or delete it")
+
+
 def _check_params(output: str, params: dict) -> None:
+    """Write ``params.json``, or check that an existing one asks for the same embedding.
+
+    Changed shard digests are not an error (those shards are embedded again); the
+    file is updated to the current ones (every rank writes the same content).
+    """
     path = os.path.join(output, PARAMS)
     if os.path.exists(path):
-        with open(path) as f:
-            old = json.load(f)
-        if old != params:
-            changed = sorted(k for k in set(old) | set(params) if old.get(k) != params.get(k))
+        old = _read_json(path)
+        if not isinstance(old, dict):
+            raise ValueError(f"{path}: expected a JSON object; delete the folder")
+        changed = sorted(k for k in set(old) | set(params)
+                         if k not in PROVENANCE_KEYS and old.get(k) != params.get(k))
+        if changed:
             raise ValueError(f"{output} holds embeddings made with other arguments "
                              f"({', '.join(changed)} differ); use a new output folder or "
                              "delete it")
-        return
+        _check_encoder(output, old, params)
+        if old == params:
+            return
     storage.makedirs(output)
     storage.write_json_atomic(path, params)
+
+
+def _source_path(output: str, name: str) -> str:
+    return os.path.join(output, name + SOURCE_SUFFIX)
+
+
+def embedded_from(output: str, name: str) -> str | None:
+    """The manifest sha256 a done shard was embedded from; None when not recorded (folders
+    written before it was, shards given as URLs without a manifest)."""
+    path = _source_path(output, name)
+    if not os.path.exists(path):
+        return None
+    doc = _read_json(path)
+    return doc.get("sha256") if isinstance(doc, dict) else None
 
 
 def shard_done(output: str, name: str) -> bool:
@@ -202,30 +286,88 @@ def shard_done(output: str, name: str) -> bool:
             and os.path.exists(os.path.join(output, name + ".jsonl")))
 
 
+def shard_changed(output: str, name: str, sha256: str | None) -> bool:
+    """True when a done shard was embedded from other content than the manifest's now."""
+    before = embedded_from(output, name)
+    return sha256 is not None and before is not None and before != sha256
+
+
+def _load_rows(root: str, name: str, dim: int | None) -> np.ndarray:
+    """``<name>.npy`` memory-mapped as ``[rows, dim]``; a ValueError naming the file."""
+    npy = os.path.join(root, name + ".npy")
+    if not os.path.exists(npy):
+        raise FileNotFoundError(f"embedding shard missing: {npy}")
+    try:
+        arr = np.load(npy, mmap_mode="r")
+    except (ValueError, OSError, EOFError) as exc:
+        raise ValueError(f"{npy}: not a readable .npy array ({exc})") from None
+    if arr.ndim != 2:
+        if arr.size:
+            raise ValueError(f"{npy}: expected [rows, dim] rows, found shape {arr.shape}")
+        arr = arr.reshape(0, int(dim or 0))
+    if arr.dtype.kind != "f":
+        raise ValueError(f"{npy}: expected float16 or float32 rows, found {arr.dtype}")
+    return arr
+
+
 def finalize_embeddings(output: str) -> bool:
     """Write ``embeddings.json`` when every shard in ``params.json`` is done; True if complete.
 
     Any rank or array task may call it; the content does not depend on who writes it.
     """
-    with open(os.path.join(output, PARAMS)) as f:
-        params = json.load(f)
+    params = _read_json(os.path.join(output, PARAMS))
     names = params["shards"]
     if not all(shard_done(output, n) for n in names):
         return False
-    rows, dim = [], params.get("dim")
-    for n in names:
-        arr = np.load(os.path.join(output, n + ".npy"), mmap_mode="r")
-        rows.append(int(arr.shape[0]))
-        if arr.shape[0]:
-            if dim is not None and arr.shape[1] != dim:
-                raise ValueError(f"{n}.npy has dimension {arr.shape[1]}, others {dim}")
-            dim = int(arr.shape[1])
-    meta = {"format_version": FORMAT_VERSION, "model": params["model"], "dim": dim,
-            "dtype": params["dtype"], "rotations": params["rotations"],
-            "image_size": params["image_size"], "shards": names, "sources": params["sources"],
-            "shard_rows": rows, "rows": sum(rows)}
+    arrays = [_load_rows(output, n, params.get("dim")) for n in names]
+    emb = Embeddings(arrays, None, {"dim": params.get("dim")}, output, names)
+    rows = [int(a.shape[0]) for a in arrays]
+    meta = {"format_version": FORMAT_VERSION, "model": params["model"],
+            "encoder": params.get("encoder"), "dim": emb.dim or None, "dtype": params["dtype"],
+            "rotations": params["rotations"], "image_size": params["image_size"],
+            "shards": names, "sources": params["sources"],
+            "shard_sha256": [embedded_from(output, n) for n in names],
+            "shard_rows": rows, "rows": sum(rows), "digest": embeddings_digest(emb)}
     storage.write_json_atomic(os.path.join(output, META), meta)
     return True
+
+
+def _shard_sources(shards: str | Sequence[str],
+                   storage_options: Mapping[str, Any] | None) -> tuple[list[str], dict, dict]:
+    """(URLs, expected samples by URL, manifest sha256 by URL); the last two are empty for
+    an explicit list of URLs (no manifest to read them from)."""
+    if isinstance(shards, str):   # a shard set: its manifest says what each shard holds
+        infos = list_shards(shards, storage_options, "images", "embedding")
+        return ([s.url for s in infos], {s.url: s.samples for s in infos},
+                {s.url: s.sha256 for s in infos})
+    return resolve_shards(shards), {}, {}
+
+
+def _todo(output: str, mine: Sequence[tuple[str, str]], digests: Mapping[str, str],
+          resume: bool, stats: "EmbedStats") -> list[tuple[str, str]]:
+    """This worker's shards to embed: not done, not resumed, or changed since embedded."""
+    todo = []
+    for url, name in mine:
+        if resume and shard_done(output, name):
+            if not shard_changed(output, name, digests.get(url)):
+                stats.shards_skipped += 1
+                continue
+            log.warning("shard %s changed since it was embedded (manifest sha256 %s, "
+                        "embedded from %s): embedding it again", name, digests[url][:12],
+                        (embedded_from(output, name) or "")[:12])
+            stats.shards_changed += 1
+        todo.append((url, name))
+    return todo
+
+
+def _write_source(output: str, name: str, url: str, sha256: str | None) -> None:
+    """Record what ``name`` is being made from, after removing a stale ``.npy``: the marker
+    never stands beside another content's record."""
+    stale = os.path.join(output, name + ".npy")
+    if os.path.exists(stale):
+        os.unlink(stale)
+    doc = json.dumps({"source": url, "sha256": sha256}, sort_keys=True).encode()
+    _write_atomic(_source_path(output, name), lambda f: f.write(doc))
 
 
 def embed_shards(encoder: nn.Module, shards: str | Sequence[str], output: str,
@@ -233,14 +375,16 @@ def embed_shards(encoder: nn.Module, shards: str | Sequence[str], output: str,
                  batch_size: int = 32, dtype: str = "float32", rank: int = 0,
                  world_size: int = 1, model_name: str = "", resume: bool = True,
                  workers: int = 2, storage_options: Mapping[str, Any] | None = None,
-                 progress: bool = True) -> EmbedStats:
+                 progress: bool = True, encoder_id: Mapping[str, Any] | None = None
+                 ) -> EmbedStats:
     """Embed this worker's share of ``shards`` into ``output``; see the module docstring.
 
     ``rank``/``world_size`` select the share (every ``world_size``-th shard from
     ``rank``; for SLURM arrays pass ``distributed.worker_part(...)``). With
-    ``resume`` complete shards are skipped; without it this share is recomputed
-    (use it when the same folder is reused for a changed model, e.g. each
-    validation). The last worker to finish writes ``embeddings.json``
+    ``resume`` complete shards are skipped unless their manifest sha256 changed;
+    without it this share is recomputed. ``encoder_id``
+    (``provenance.encoder_identity``) is recorded, and a folder made by other
+    weights is refused. The last worker to finish writes ``embeddings.json``
     (``stats.complete``); under torch.distributed call ``finalize_embeddings``
     after a barrier to be sure.
     """
@@ -251,28 +395,19 @@ def embed_shards(encoder: nn.Module, shards: str | Sequence[str], output: str,
     if isinstance(image_size, int):
         image_size = (image_size, image_size)
     rotations = check_rotations(rotations)
-    if isinstance(shards, str):   # a shard set: its manifest says how many samples to expect
-        infos = list_shards(shards, storage_options, "images", "embedding")
-        expected = {s.url: s.samples for s in infos}
-        urls = list(expected)
-    else:
-        urls, expected = resolve_shards(shards), {}
+    urls, expected, digests = _shard_sources(shards, storage_options)
     if not urls:
         raise ValueError("no shards to embed")
     names = [shard_name(u) for u in urls]
-    params = {"format_version": FORMAT_VERSION, "model": model_name, "dtype": dtype,
+    params = {"format_version": FORMAT_VERSION, "model": model_name,
+              "encoder": dict(encoder_id) if encoder_id else None, "dtype": dtype,
               "rotations": list(rotations), "image_size": list(image_size),
-              "shards": names, "sources": urls}
+              "shards": names, "sources": urls, "shard_sha256": [digests.get(u) for u in urls]}
     output = storage.normalize(output)
     _check_params(output, params)
     mine = take_part(list(zip(urls, names)), rank, world_size)
     stats = EmbedStats()
-    todo = []
-    for url, name in mine:
-        if resume and shard_done(output, name):
-            stats.shards_skipped += 1
-        else:
-            todo.append((url, name))
+    todo = _todo(output, mine, digests, resume, stats)
     for url, _ in todo:
         if not storage.exists(url, storage_options):
             raise FileNotFoundError(f"shard missing: {url}")
@@ -296,6 +431,7 @@ def embed_shards(encoder: nn.Module, shards: str | Sequence[str], output: str,
                     raise ValueError(f"shard {name} read incompletely ({seen} of {want} samples"
                                      f"{'; ' + errors.last if errors.count > before[0] else ''}); "
                                      "nothing written for it, shards already embedded are kept")
+                _write_source(output, name, url, digests.get(url))
                 write_shard_embeddings(output, name, rows, records, dtype)
                 stats.shards_written += 1
                 stats.rows += len(rows)
@@ -329,10 +465,13 @@ class Embeddings:
         self._records = list(records) if records is not None else None
         sizes = [int(a.shape[0]) for a in self.arrays]
         self.offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
-        dims = {int(a.shape[1]) for a in self.arrays if a.ndim == 2 and a.shape[0]}
+        dims = {int(a.shape[1]): name for name, a in zip(self.names, self.arrays)
+                if a.ndim == 2 and a.shape[0]}
         if len(dims) > 1:
-            raise ValueError(f"embedding parts have different dimensions: {sorted(dims)}")
-        self.dim = dims.pop() if dims else int(self.meta.get("dim") or 0)
+            (d0, n0), (d1, n1) = list(dims.items())[:2]
+            raise ValueError(f"embedding parts have different dimensions: {n0} is {d0}-d, "
+                             f"{n1} is {d1}-d")
+        self.dim = next(iter(dims)) if dims else int(self.meta.get("dim") or 0)
 
     @classmethod
     def from_arrays(cls, vectors: np.ndarray, records: Sequence[Mapping] | None = None
@@ -351,51 +490,54 @@ class Embeddings:
 
     @classmethod
     def open(cls, root: str) -> "Embeddings":
-        """A complete embeddings folder (``embeddings.json`` present)."""
+        """A complete embeddings folder (``embeddings.json`` present). Only ``shards`` is
+        required; what the ``.npy`` files tell is derived, and checked where recorded."""
         root = storage.normalize(root)
         path = os.path.join(root, META)
         if not os.path.exists(path):
             if os.path.exists(os.path.join(root, PARAMS)):
-                with open(os.path.join(root, PARAMS)) as f:
-                    names = json.load(f)["shards"]
+                names = _read_json(os.path.join(root, PARAMS))["shards"]
                 missing = [n for n in names if not shard_done(root, n)]
                 raise FileNotFoundError(f"embeddings in {root} are incomplete: {len(missing)} "
                                         f"of {len(names)} shards missing (first: "
                                         f"{missing[0]}); run embed again")
             raise FileNotFoundError(f"not an embeddings folder (no {META}): {root}")
-        with open(path) as f:
-            meta = json.load(f)
-        arrays = []
-        for name, rows in zip(meta["shards"], meta["shard_rows"]):
-            npy = os.path.join(root, name + ".npy")
-            if not os.path.exists(npy):
-                raise FileNotFoundError(f"embedding shard missing: {npy}")
-            arr = np.load(npy, mmap_mode="r")
-            if arr.shape[0] != rows:
-                raise ValueError(f"{npy} has {arr.shape[0]} rows, embeddings.json says {rows}")
-            if arr.ndim != 2:
-                arr = arr.reshape(0, int(meta.get("dim") or 0))
-            arrays.append(arr)
-        return cls(arrays, None, meta, root, meta["shards"])
+        meta = _read_json(path)
+        names = _meta_shards(meta, path)
+        arrays = [_load_rows(root, n, meta.get("dim")) for n in names]
+        emb = cls(arrays, None, meta, root, names)
+        _derive_meta(emb, path)
+        return emb
 
     def __len__(self) -> int:
         return int(self.offsets[-1])
 
     @property
     def rotations(self) -> list[int]:
-        return list(self.meta.get("rotations") or [0])
+        """Degrees embedded: recorded, else those of the records."""
+        if not self.meta.get("rotations"):
+            self.meta["rotations"] = sorted({int(r) for r in self.rotation_of_row}) or [0]
+        return list(self.meta["rotations"])
+
+    @property
+    def encoder(self) -> dict | None:
+        """``{"path", "weights_sha256"}`` of the encoder that made the rows, None if unknown."""
+        enc = self.meta.get("encoder")
+        return dict(enc) if isinstance(enc, Mapping) else None
+
+    @property
+    def digest(self) -> str:
+        """``provenance.embeddings_digest``: recorded, else computed over the rows once."""
+        if not self.meta.get("digest"):
+            self.meta["digest"] = embeddings_digest(self)
+        return str(self.meta["digest"])
 
     @property
     def records(self) -> list[dict]:
         if self._records is None:
             recs: list[dict] = []
             for name, arr in zip(self.names, self.arrays):
-                with open(os.path.join(self.root, name + ".jsonl")) as f:
-                    part = [json.loads(line) for line in f if line.strip()]
-                if len(part) != arr.shape[0]:
-                    raise ValueError(f"{name}.jsonl has {len(part)} records for "
-                                     f"{arr.shape[0]} rows")
-                recs.extend(part)
+                recs.extend(_read_records(self.root, name, int(arr.shape[0])))
             self._records = recs
         return self._records
 
@@ -460,6 +602,71 @@ class Embeddings:
         """All rows as one float32 array (small sets only)."""
         return np.concatenate([c for _, c in self.chunks()]) if len(self) else \
             np.zeros((0, self.dim), np.float32)
+
+
+def _meta_shards(meta: Any, path: str) -> list[str]:
+    """``shards`` of an ``embeddings.json``: the one field that cannot be derived."""
+    if not isinstance(meta, dict):
+        raise ValueError(f"{path}: expected a JSON object, found {type(meta).__name__}")
+    names = meta.get("shards")
+    if names is None:
+        raise ValueError(f"{path}: no 'shards' (the embedding shard names in row order, "
+                         "each a <name>.npy beside it)")
+    if not isinstance(names, list) or not all(isinstance(n, str) and n for n in names):
+        raise ValueError(f"{path}: 'shards' must be a list of shard names, got {names!r}")
+    return names
+
+
+def _derive_meta(emb: "Embeddings", path: str) -> None:
+    """Fill ``shard_rows``, ``rows``, ``dim`` and ``dtype`` from the rows; recorded values
+    that disagree with the files are an error naming the field."""
+    rows = [int(a.shape[0]) for a in emb.arrays]
+    recorded = emb.meta.get("shard_rows")
+    if recorded is not None:
+        if not isinstance(recorded, list) or len(recorded) != len(rows):
+            raise ValueError(f"{path}: 'shard_rows' must list the rows of each of the "
+                             f"{len(rows)} shards, got {recorded!r}")
+        for name, want, have in zip(emb.names, recorded, rows):
+            if want != have:
+                raise ValueError(f"{os.path.join(emb.root, name + '.npy')} has {have} rows, "
+                                 f"{META} says {want}")
+    derived = {"shard_rows": rows, "rows": sum(rows), "dim": emb.dim or None}
+    for key in ("rows", "dim"):
+        given = emb.meta.get(key)
+        if given is not None and derived[key] is not None and given != derived[key]:
+            raise ValueError(f"{path}: '{key}' is {given!r}, the .npy files hold "
+                             f"{derived[key]!r}")
+    dtypes = sorted({a.dtype.name for a in emb.arrays})
+    if dtypes:
+        derived["dtype"] = dtypes[0] if len(dtypes) == 1 else dtypes
+    for key, value in derived.items():
+        if emb.meta.get(key) is None:
+            emb.meta[key] = value
+
+
+def _read_records(root: str, name: str, n_rows: int) -> list[dict]:
+    """``<name>.jsonl``: one record per row; a missing ``key`` becomes ``<name>:<image>``
+    (rotations of one image share it), else ``<name>:<row>``."""
+    path = os.path.join(root, name + ".jsonl")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"records missing: {path} (one JSON record per row of "
+                                f"{name}.npy)")
+    with open(path) as f:
+        lines = [line for line in f if line.strip()]
+    if len(lines) != n_rows:
+        raise ValueError(f"{path} has {len(lines)} records for {n_rows} rows")
+    out = []
+    for row, line in enumerate(lines):
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path}: line {row + 1} is not JSON ({exc})") from None
+        if not isinstance(rec, dict):
+            raise ValueError(f"{path}: line {row + 1} is not a JSON object")
+        if "key" not in rec:
+            rec["key"] = f"{name}:{rec['image']}" if "image" in rec else f"{name}:{row}"
+        out.append(rec)
+    return out
 
 
 def as_embeddings(value: "Embeddings | str | np.ndarray") -> Embeddings:

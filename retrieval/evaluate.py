@@ -7,6 +7,9 @@ footprint intersects the query's. The database is embedded at 4 rotations;
 recall is reported over raw rows (as upstream) and with each tile's best
 rotation only (dedupe). VPR: one database, positives within 25 m (UTM).
 The average row is the mean over regions, as in EarthLoc2's results table.
+
+Database and queries must come from one encoder: embeddings recording different
+weights digests are refused unless ``allow_mixed_encoders``.
 """
 from __future__ import annotations
 
@@ -21,7 +24,7 @@ from shard_tools import ground_truth
 from shard_tools.geometry.footprints import footprints_from_records
 from shard_tools.regions import Region, resolve_regions, select_database, select_queries
 
-from .embed import Embeddings, as_embeddings
+from .embed import Embeddings, as_embeddings, check_same_encoder
 from .index import build_index
 from .metrics import DEFAULT_KS, recall_at_k
 from .search import dedupe, search
@@ -29,6 +32,8 @@ from .search import dedupe, search
 log = logging.getLogger(__name__)
 
 PROTOCOLS = ("apl", "vpr")
+# the record field each protocol's ground truth is computed from
+PROTOCOL_FIELDS = {"apl": "footprint", "vpr": "utm"}
 
 
 @dataclass
@@ -120,6 +125,19 @@ def _query_rows(q: Embeddings) -> np.ndarray:
     return np.flatnonzero(rot == want)
 
 
+def check_protocol_record(protocol: str, record: Mapping[str, Any] | None, what: str) -> None:
+    """Refuse a set whose records lack the protocol's field, before any work is spent on it
+    (the first record stands for the set: a shard set holds one kind of record)."""
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"protocol must be one of {', '.join(PROTOCOLS)}, got {protocol!r}")
+    need = PROTOCOL_FIELDS[protocol]
+    if record is not None and record.get(need) is None:
+        other = next(p for p, f in PROTOCOL_FIELDS.items() if f != need)
+        raise ValueError(f"protocol {protocol} needs a {need!r} in each record, and the first "
+                         f"record of {what} ({record.get('key')!r}) has none: is it a set for "
+                         f"protocol {other}?")
+
+
 def positives_for(protocol: str, db_records: Sequence[Mapping[str, Any]],
                   q_records: Sequence[Mapping[str, Any]], radius_m: float = 25.0
                   ) -> list[np.ndarray]:
@@ -167,18 +185,21 @@ def evaluate(database: "Embeddings | str", queries: "Embeddings | str", protocol
              regions: Sequence[str | Region] | None = None, ks: Sequence[int] = DEFAULT_KS,
              factory: str = "Flat", nprobe: int | None = None, year: int | None = 2021,
              radius_m: float = 25.0, ef_search: int | None = None,
-             k_factor: float | None = None) -> EvalReport:
+             k_factor: float | None = None, allow_mixed_encoders: bool = False) -> EvalReport:
     """Recall@K of query embeddings against database embeddings, per region.
 
     ``regions`` (names, groups such as ``earthloc-test``, or ``name:lat,lon,q_km,db_km``)
     apply to APL; each gets its own index over its ``year`` database. Without
     regions the whole database is one set ("all", every year). An empty region
-    (no query or no database image) is a ValueError.
+    (no query or no database image) is a ValueError, and so are records without the
+    protocol's field and, unless ``allow_mixed_encoders``, embeddings of two encoders.
     """
     if protocol not in PROTOCOLS:
         raise ValueError(f"protocol must be one of {', '.join(PROTOCOLS)}, got {protocol!r}")
     ks = sorted({int(k) for k in ks})
     db, q = as_embeddings(database), as_embeddings(queries)
+    if not allow_mixed_encoders:
+        check_same_encoder(db.encoder, q.encoder, "the database", "the query embeddings")
     if len(db) == 0:
         raise ValueError("the database embeddings are empty")
     if db.dim != q.dim:
@@ -187,8 +208,10 @@ def evaluate(database: "Embeddings | str", queries: "Embeddings | str", protocol
     if not len(q_rows):
         raise ValueError("the query embeddings are empty")
     q_records = [q.records[i] for i in q_rows]
-    q_vectors = q.take(q_rows)
     db_records = db.image_records()
+    check_protocol_record(protocol, db_records[0], "the database")
+    check_protocol_record(protocol, q_records[0], "the queries")
+    q_vectors = q.take(q_rows)
     report = EvalReport(protocol, ks, factory=factory)
     if regions:
         sets = []

@@ -69,15 +69,18 @@ def load_model(path: str):
         raise CommandError(f"cannot load encoder {path}: {msg}") from None
 
 
+def model_identity(path: str) -> dict:
+    """What identifies a saved encoder: ``provenance.encoder_identity`` (its folder and the
+    sha256 of its weights), recorded by embeddings and compared by their readers."""
+    from ..provenance import encoder_identity
+
+    return encoder_identity(path)
+
+
 def model_label(path: str) -> str:
-    """What an embeddings folder records as its model: the encoder's path and weights' stamp."""
-    p = os.path.abspath(path)
-    w = os.path.join(p, "model.safetensors") if os.path.isdir(p) else p
-    try:
-        st = os.stat(w)
-        return f"{p}@{st.st_size}:{int(st.st_mtime)}"
-    except OSError:
-        return p
+    """What an embeddings folder records as its ``model``, for people: the encoder's folder.
+    Comparisons use ``model_identity``'s weights digest, never this name."""
+    return model_identity(path)["path"]
 
 
 def add_common(p, progress: bool = True) -> None:

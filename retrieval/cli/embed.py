@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import logging
 
-from . import CommandError, add_common, load_model, model_label, parse_ints
+from . import CommandError, add_common, load_model, model_identity, parse_ints
 
 HELP = "embed image shards with a saved encoder (per-shard .npy + .jsonl, resumable)"
 EXAMPLES = """\
@@ -16,8 +16,10 @@ EXAMPLES = """\
   # a SLURM array of 8 tasks (index/count from SLURM_ARRAY_TASK_ID/COUNT)
   sbatch --array=0-7 --wrap "python -m retrieval embed --model best --shards shards/db --output emb/db"
 
-A killed run re-run with the same arguments skips the shards already written.
-EMB/embeddings.json appears when every shard is done.
+A killed run re-run with the same arguments skips the shards already written, except
+those whose manifest sha256 changed since (they are embedded again); another encoder's
+weights into the same folder are refused. EMB/embeddings.json appears when every shard
+is done.
 """
 
 log = logging.getLogger(__name__)
@@ -57,15 +59,17 @@ def run(args) -> int:
     rank, world = init_process_group_from_env()
     part, parts = worker_part(rank, world, task, ntasks)
     model, size, dim = load_model(args.model)
+    identity = model_identity(args.model)
     stats = embed_shards(model, args.shards, args.output, size, rotations, args.batch_size,
-                         args.dtype, part, parts, model_label(args.model),
+                         args.dtype, part, parts, identity["path"],
                          resume=not args.no_resume, workers=args.workers,
                          storage_options=storage.parse_storage_options(args.storage_options),
-                         progress=not args.no_progress)
+                         progress=not args.no_progress, encoder_id=identity)
     barrier()
     complete = finalize_embeddings(args.output) if rank == 0 else stats.complete
+    changed = f" ({stats.shards_changed} changed since embedded)" if stats.shards_changed else ""
     print(f"rank {rank}/{world} task {task}/{ntasks}: embedded {stats.images} images "
-          f"({stats.rows} rows, {dim}-d) into {stats.shards_written} shards, "
+          f"({stats.rows} rows, {dim}-d) into {stats.shards_written} shards{changed}, "
           f"{stats.shards_skipped} already done, {stats.bad_samples} bad samples skipped"
           + ("; embeddings complete" if complete else "; waiting for other tasks' shards"))
     return 0

@@ -69,6 +69,31 @@ def save_encoder(model: nn.Module, path: str | os.PathLike, extra: Mapping[str, 
     return out
 
 
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _read_config(cfg_path: Path) -> ModelConfig:
+    """The ``ModelConfig`` of a saved encoder; every way ``config.json`` can be wrong is a
+    ValueError naming the file, since the folder may hold several candidates."""
+    try:
+        meta = json.loads(cfg_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{cfg_path}: not valid JSON ({exc})") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"{cfg_path}: expected a JSON object, found {type(meta).__name__}")
+    version = meta.get("version", 0)
+    if meta.get("format") != FORMAT or not isinstance(version, int) or version > FORMAT_VERSION:
+        raise ValueError(f"{cfg_path}: unsupported encoder format {meta.get('format')!r} v{version}")
+    if not isinstance(meta.get("model"), dict):
+        raise ValueError(f"{cfg_path}: no 'model' object (the encoder's ModelConfig)")
+    try:
+        return ModelConfig.from_dict(meta["model"]).replace(pretrained=None, compile=False)
+    except (ValueError, TypeError, KeyError) as exc:
+        raise ValueError(f"{cfg_path}: {_first_line(exc)}") from None
+
+
 def load_encoder(
     path: str | os.PathLike, device: str | torch.device = "cpu", compile: bool = False
 ) -> tuple[LocalizationModel, tuple[int, int], int]:
@@ -81,12 +106,13 @@ def load_encoder(
     cfg_path, w_path = root / CONFIG_NAME, root / WEIGHTS_NAME
     if not cfg_path.is_file() or not w_path.is_file():
         raise FileNotFoundError(f"not a saved encoder (needs {CONFIG_NAME} and {WEIGHTS_NAME}): {root}")
-    meta = json.loads(cfg_path.read_text())
-    if meta.get("format") != FORMAT or int(meta.get("version", 0)) > FORMAT_VERSION:
-        raise ValueError(f"{cfg_path}: unsupported encoder format {meta.get('format')!r} v{meta.get('version')}")
-    config = ModelConfig.from_dict(meta["model"]).replace(pretrained=None, compile=False)
+    config = _read_config(cfg_path)
     model = build_model(config)
-    load_checked(model, load_file(str(w_path), device="cpu"), "the saved config", str(w_path))
+    try:
+        state = load_file(str(w_path), device="cpu")
+    except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types
+        raise ValueError(f"{w_path}: not a readable safetensors file ({_first_line(exc)})") from None
+    load_checked(model, state, "the saved config", str(w_path))
     model = model.to(device).eval()
     if compile:
         model.compile()
