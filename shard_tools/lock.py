@@ -5,6 +5,9 @@ Each run holds ``DST/.convert-lock-<first>-<end>.json`` (owner PID, host, SLURM
 job, its shard range) while it works; array tasks have disjoint ranges and so
 never conflict. A lock whose owner is gone (same host, dead PID; or the same
 SLURM job, requeued) is taken over; any other is refused with a one-line error.
+
+``FolderLock`` is the same rule for a whole folder that one process at a time may
+write (the trainer's run folder): one lock file, no ranges.
 """
 from __future__ import annotations
 
@@ -27,7 +30,33 @@ class LockHeld(RuntimeError):
     """Another live conversion writes the same shards of this output."""
 
 
-def _pid_alive(pid: int) -> bool:
+def owner_record() -> dict[str, Any]:
+    """Who holds a lock: PID, host, SLURM job (``job_task``) and start time."""
+    return {"pid": os.getpid(), "host": socket.gethostname(), "slurm": slurm_job(),
+            "started": time.time()}
+
+
+def owner_gone(other: Mapping[str, Any], me: Mapping[str, Any]) -> bool:
+    """True when the lock's owner cannot be running any more: this very process, a dead
+    PID on this host, or an earlier start of this same SLURM job (requeued)."""
+    if other.get("host") == me["host"]:
+        if other.get("pid") == me["pid"]:
+            return True
+        try:
+            return not pid_alive(int(other.get("pid", 0)))
+        except (TypeError, ValueError):
+            return False
+    return bool(me["slurm"]) and other.get("slurm") == me["slurm"]
+
+
+def describe_owner(other: Mapping[str, Any] | None) -> str:
+    if not other:
+        return "another process"
+    job = f", SLURM job {other['slurm']}" if other.get("slurm") else ""
+    return f"PID {other.get('pid')} on {other.get('host')}{job}"
+
+
+def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -37,7 +66,7 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def _slurm_job() -> str | None:
+def slurm_job() -> str | None:
     job = os.environ.get("SLURM_ARRAY_JOB_ID") or os.environ.get("SLURM_JOB_ID")
     task = os.environ.get("SLURM_ARRAY_TASK_ID", "")
     return f"{job}_{task}" if job else None
@@ -57,7 +86,7 @@ class OutputLock:
         return storage.join(self.out_url, f"{PREFIX}{self.first:06d}-{self.end:06d}.json")
 
     def _owner(self) -> dict:
-        return {"pid": os.getpid(), "host": socket.gethostname(), "slurm": _slurm_job(),
+        return {"pid": os.getpid(), "host": socket.gethostname(), "slurm": slurm_job(),
                 "first": self.first, "end": self.end, "started": time.time()}
 
     def _others(self) -> list[tuple[str, dict | None]]:
@@ -89,12 +118,7 @@ class OutputLock:
         return first < self.end and self.first < end
 
     def _stale(self, other: dict | None) -> bool:
-        if other is None:
-            return False
-        me = self._owner()
-        if other.get("host") == me["host"]:
-            return other.get("pid") == me["pid"] or not _pid_alive(int(other.get("pid", 0)))
-        return bool(me["slurm"]) and other.get("slurm") == me["slurm"]
+        return other is not None and owner_gone(other, self._owner())
 
     def _refuse(self, url: str, other: dict | None) -> LockHeld:
         who = (f"PID {other.get('pid')} on {other.get('host')}" if other else "another run")
@@ -148,6 +172,101 @@ class OutputLock:
             log.warning("could not remove the lock %s: %s", self.url, exc)
 
     def __enter__(self) -> "OutputLock":
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+@dataclass
+class FolderLock:
+    """Context manager: hold ``FOLDER/<name>`` while this process writes the folder.
+
+    Local folders: the lock file is created with ``O_EXCL``, so of two processes that
+    start together exactly one gets it. Object stores have no exclusive create: the
+    lock is written, read back after ``settle_s`` and kept only if it is still ours
+    (last writer wins), which catches runs that start seconds apart, not at the same
+    instant."""
+
+    folder: str
+    name: str
+    what: str = "writing this folder"
+    storage_options: Mapping[str, Any] | None = None
+    settle_s: float = 1.0
+
+    def __post_init__(self) -> None:
+        self._owner = owner_record()
+        self._held = False
+
+    @property
+    def url(self) -> str:
+        return storage.join(self.folder, self.name)
+
+    def _read(self) -> dict | None:
+        try:
+            data = json.loads(storage.read_bytes(self.url, self.storage_options))
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError):
+            return {}          # half-written or unreadable: held by an unknown process
+        return data if isinstance(data, dict) else {}
+
+    def _refuse(self, other: Mapping[str, Any] | None) -> LockHeld:
+        return LockHeld(f"{self.url}: {describe_owner(other)} is {self.what}; wait for it "
+                        "to finish, or delete the lock file if that process is gone")
+
+    def _create_local(self, data: bytes) -> bool:
+        try:
+            fd = os.open(storage.normalize(self.url), os.O_WRONLY | os.O_CREAT | os.O_EXCL,
+                         0o644)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        return True
+
+    def acquire(self) -> None:
+        storage.makedirs(self.folder, self.storage_options)
+        data = json.dumps(self._owner).encode()
+        for _ in range(3):                      # a stale lock removed, then a race
+            other = self._read()
+            if other is not None:
+                if not other or not owner_gone(other, self._owner):
+                    raise self._refuse(other or None)
+                log.info("taking over the lock %s left by %s", self.url, describe_owner(other))
+                self._delete()
+            if not storage.is_remote(self.folder):
+                if self._create_local(data):
+                    self._held = True
+                    return
+                continue
+            storage.write_bytes_atomic(self.url, data, self.storage_options)
+            time.sleep(self.settle_s)
+            if self._read() == self._owner:
+                self._held = True
+                return
+            raise self._refuse(self._read())
+        raise self._refuse(self._read())
+
+    def _delete(self) -> None:
+        fs, path = storage.filesystem(self.url, self.storage_options)
+        try:
+            fs.rm_file(path)
+        except FileNotFoundError:
+            pass
+
+    def release(self) -> None:
+        if not self._held:
+            return
+        self._held = False
+        try:
+            if self._read() == self._owner:
+                self._delete()
+        except OSError as exc:  # the work is over either way; the next one takes it over
+            log.warning("could not remove the lock %s: %s", self.url, exc)
+
+    def __enter__(self) -> "FolderLock":
         self.acquire()
         return self
 

@@ -8,6 +8,16 @@ into optimizer updates of ``train.grad_accum`` batches (the last update of an
 epoch takes what is left). Checkpoints are written at update boundaries, so a
 run resumed with ``--resume latest`` continues with exactly the batches, RNG
 streams and optimizer state of an uninterrupted run.
+
+The run folder is trusted by what made it (``trainer.runfolder``): one process trains
+into it at a time (a lock), a fresh run refuses another run's checkpoints, and a
+resume compares the recipe with the checkpoint's key by key (``trainer.resume``).
+
+SIGTERM, SIGINT (Ctrl-C) and SIGUSR1 (SLURM's warning before the time limit) stop the
+run at the end of the current update: every rank agrees on that update (a max-reduce
+of the stop flag after each update), writes its part of a checkpoint, and the process
+exits with 128 + the signal number (143, 130, 138) and one line on stderr. A second
+Ctrl-C stops at once, without a checkpoint.
 """
 from __future__ import annotations
 
@@ -17,6 +27,7 @@ import hashlib
 import logging
 import math
 import os
+import signal
 import sys
 import tempfile
 import time
@@ -30,9 +41,12 @@ from shard_tools import storage
 
 from .recipe import ConfigError, Recipe
 
-__all__ = ["main", "Trainer", "TrainState", "set_train_mode", "EXAMPLES"]
+__all__ = ["main", "Trainer", "TrainState", "RunError", "set_train_mode", "json_safe", "EXAMPLES",
+           "STOP_SIGNALS"]
 
 log = logging.getLogger("trainer.train")
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 
 EXAMPLES = """examples:
   python -m trainer --config configs/demo-bluemarble.yaml
@@ -41,6 +55,7 @@ EXAMPLES = """examples:
       data.train_shards=s3://bucket/earthloc/places model.pretrained=/models/resnet50.pth \\
       train.run_dir=s3://bucket/runs/earthloc
   accelerate launch -m trainer --config configs/earthloc.yaml --resume latest
+  python -m trainer --config configs/demo-bluemarble.yaml --resume latest optim.lr=1e-5
 """
 
 
@@ -58,6 +73,13 @@ def _parser() -> argparse.ArgumentParser:
                    help="continue from the run's latest checkpoint (none yet: start fresh), "
                         "a checkpoint folder, or another run folder")
     p.add_argument("--run-dir", metavar="RUN", help="the run folder (same as train.run_dir=RUN)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start fresh in a run folder that holds another run's checkpoints, "
+                        "after moving that run's files to RUN/overwritten/")
+    p.add_argument("--allow-recipe-change", action="store_true",
+                   help="resume although keys that break an exact resume changed (model.*, "
+                        "data.*, loss.*, optim.optimizer, seeds, world size); logged and "
+                        "recorded in RUN/resumes.jsonl")
     p.add_argument("--check", action="store_true",
                    help="validate the recipe, print the resolved YAML and exit")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -65,9 +87,41 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _error(msg: str) -> int:
-    print(f"error: {msg}", file=sys.stderr)
+def _error(msg: str, echo: bool = True) -> int:
+    if echo:
+        print(f"error: {msg}", file=sys.stderr)
     return 2
+
+
+class RunError(ValueError):
+    """A run that must not go on: one line, printed by the rank that found it (``echo``);
+    the other ranks stop quietly."""
+
+    def __init__(self, message: str, echo: bool = True) -> None:
+        super().__init__(message)
+        self.echo = echo
+
+
+def _first_line(exc: BaseException) -> str:
+    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+
+
+def _inside(path: str, folder: str) -> bool:
+    """Whether ``path`` lies under ``folder`` (local paths compared absolute)."""
+    if not storage.is_remote(path) and not storage.is_remote(folder):
+        path, folder = os.path.abspath(path), os.path.abspath(folder)
+    return (path.rstrip("/") + "/").startswith(folder.rstrip("/") + "/")
+
+
+def json_safe(value: Any) -> Any:
+    """``value`` with every NaN or infinity as None: JSON has no NaN."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -92,19 +146,44 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from .data import NoUsableDataError, error_message
 
-    trainer = Trainer(recipe, progress=not args.no_progress)
+    from shard_tools.lock import LockHeld
+
+    if args.overwrite and args.resume == "latest":
+        return _error("--overwrite starts a fresh run; it cannot go with --resume latest")
+    trainer = Trainer(recipe, progress=not args.no_progress, overwrite=args.overwrite,
+                      allow_recipe_change=args.allow_recipe_change)
     try:
         trainer.setup(args.resume)
-    except (ValueError, FileNotFoundError, OSError) as exc:
+    except RunError as exc:
         trainer.close()
-        return _error(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+        return _error(str(exc), exc.echo)
+    except (ValueError, FileNotFoundError, OSError, LockHeld) as exc:
+        trainer.close()
+        return _error(_first_line(exc))
+    except KeyboardInterrupt:
+        trainer.close()
+        print("interrupted before training started: nothing was trained", file=sys.stderr)
+        return 128 + signal.SIGINT
     try:
         trainer.fit()
     except NoUsableDataError as exc:   # found while streaming (maybe in a DataLoader worker)
         return _error(error_message(exc))
+    except RunError as exc:
+        return _error(str(exc), exc.echo)
+    except OSError as exc:             # a full disk, a lost mount: the last checkpoint stands
+        return _error(_first_line(exc))
+    except KeyboardInterrupt:          # the second Ctrl-C
+        print("interrupted again: stopped without a checkpoint", file=sys.stderr)
+        return 128 + signal.SIGINT
     finally:
         trainer.close()
     leave_process_group()
+    if trainer.stopped_by is not None:
+        if trainer.acc.is_main_process:
+            print(f"stopped by {signal.Signals(trainer.stopped_by).name} at update "
+                  f"{trainer.state.update}: checkpoint {trainer.last_checkpoint}; continue with "
+                  "--resume latest", file=sys.stderr)
+        return 128 + int(trainer.stopped_by)
     return 0
 
 
@@ -155,6 +234,9 @@ class TrainState:
     # run totals over all ranks as of the last logged window (kept across resumes)
     skipped_total: float = 0.0
     mined_queries_total: float = 0.0
+    # the last logged window's speed (kept across resumes, so a resume with nothing
+    # left to do still reports it)
+    throughput: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -165,17 +247,25 @@ class TrainState:
 class Trainer:
     """Builds everything from a ``Recipe`` (``setup``), then trains (``fit``)."""
 
-    def __init__(self, recipe: Recipe, progress: bool = True) -> None:
+    def __init__(self, recipe: Recipe, progress: bool = True, overwrite: bool = False,
+                 allow_recipe_change: bool = False) -> None:
         self.recipe = recipe
         self.progress = progress and recipe.log.progress
         self.run_dir = storage.normalize(recipe.run_dir)
+        self.overwrite = overwrite
+        self.allow_recipe_change = allow_recipe_change
         self.state = TrainState()
         self.data = None
         self.tracker = None
         self.acc = None
+        self.lock = None
+        self.run_id: str | None = None
         self.summary: dict[str, Any] = {}
-        self._throughput: dict[str, float] = {}
         self._lr_used = math.nan
+        self.stopped_by: int | None = None        # the signal that stopped the run
+        self.last_checkpoint: str | None = None
+        self._signal_seen: int = 0
+        self._old_handlers: dict[int, Any] = {}
 
     # -- construction
     def _accelerator(self):
@@ -215,11 +305,14 @@ class Trainer:
             torch.use_deterministic_algorithms(True, warn_only=True)
         set_seed(r.train.seed)
         self.store = CheckpointStore(self.run_dir)
+        self._take_run_folder()
         resume_from = None
         if resume:
             resume_from = CheckpointStore.resolve(resume, self.run_dir)
             if resume_from is None:
                 log.info("--resume %s: no checkpoint in %s yet, starting fresh", resume, self.run_dir)
+        self._claim_run(resume_from)
+        loaded = self._read_checkpoint(resume_from) if resume_from else None
         # data before the model: a bad shard set fails before anything large is built
         self.data = build_train_data(r.data, r.model.image_hw, self.rank, self.world)
         self.steps_per_epoch = self.data.steps_per_epoch
@@ -241,10 +334,10 @@ class Trainer:
                                          else self.optimizer, r.optim,
                                          r.train.epochs * self.updates_per_epoch,
                                          self.updates_per_epoch)
-        if resume_from:
-            self._load(resume_from)
+        if loaded:
+            self._load(*loaded)
         if acc.is_main_process:
-            self._write_config()
+            self._write_config(resumed=bool(loaded))
             if not resume_from and r.train.save_init:
                 # the starting point, for an untrained-vs-trained comparison of the same weights
                 self._save_encoder("init", {"update": 0, "epoch": 0})
@@ -255,10 +348,88 @@ class Trainer:
                  r.data.places_per_batch * r.data.images_per_place,
                  self.total_updates - self.state.update)
 
-    def _write_config(self) -> None:
+    # -- the run folder: lock, identity, the checkpoint to resume
+    def agree(self, ok: bool) -> bool:
+        """True on every rank when every rank passes True (a collective: all ranks call it)."""
+        if self.world == 1:
+            return bool(ok)
+        import torch.distributed as dist
+
+        flag = torch.tensor([0 if ok else 1], dtype=torch.int32, device=self.acc.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return int(flag.item()) == 0
+
+    def _collective(self, fn, *args) -> Any:
+        """``fn`` on the main process; its error stops every rank (printed once)."""
+        result, error = None, None
+        if self.acc.is_main_process:
+            try:
+                result = fn(*args)
+            except (ValueError, OSError, RuntimeError) as exc:
+                error = exc
+        if not self.agree(error is None):
+            if error is not None:
+                raise RunError(_first_line(error)) from None
+            raise RunError("the main process refused the run folder", echo=False)
+        return result
+
+    def _take_run_folder(self) -> None:
+        """The lock: one process trains into a run folder at a time."""
+        from .runfolder import run_lock
+
+        def take():
+            storage.makedirs(self.run_dir)
+            lock = run_lock(self.run_dir)
+            lock.acquire()
+            self.lock = lock
+        self._collective(take)
+
+    def _claim_run(self, resume_from: str | None) -> None:
+        """Refuse another run's checkpoints on a fresh start (or move them aside with
+        ``--overwrite``), then read or write this folder's run id."""
+        from .runfolder import archive_previous_run, refuse_foreign_checkpoints, start_run
+
+        here = bool(resume_from) and _inside(resume_from, self.store.root)
+        if here and self.overwrite:
+            raise RunError("--overwrite starts a fresh run; it cannot resume from a checkpoint "
+                           f"of the same folder ({resume_from})", echo=self.acc.is_main_process)
+
+        def claim() -> str:
+            if self.overwrite:
+                archive_previous_run(self.run_dir)
+            refuse_foreign_checkpoints(self.run_dir, bool(self.store.complete()), here)
+            return start_run(self.run_dir)
+        self.run_id = self._collective(claim)
+
+    def _read_checkpoint(self, folder: str) -> tuple[str, dict, dict | None, Any]:
+        """The newest intact checkpoint from ``folder`` back, and how its recipe differs.
+        Breaking changes are refused here, before the data or the model are built."""
+        from .checkpoint import CheckpointError, CheckpointStore
+        from .resume import compare_recipes
+
+        parent = folder.rsplit("/checkpoints/", 1)[0] if "/checkpoints/" in folder else None
+        candidates = CheckpointStore(parent).fallbacks(folder) if parent else [folder]
+        try:
+            folder, (shared, per_rank, _) = CheckpointStore.load_newest_intact(
+                candidates, self.rank, self.agree)
+        except CheckpointError as exc:
+            raise RunError(str(exc), echo=self.acc.is_main_process) from None
+        change = compare_recipes(shared.get("recipe"), self.recipe.to_dict(),
+                                 shared.get("world_size"), self.world)
+        if change.breaking and not self.allow_recipe_change:
+            raise RunError(
+                f"--resume {folder}: the recipe changed in keys that break an exact resume: "
+                f"{change.describe(change.breaking)}; resume with the checkpoint's values, or "
+                "pass --allow-recipe-change", echo=self.acc.is_main_process)
+        if change.breaking:
+            log.warning("--allow-recipe-change: resuming with changes that break an exact "
+                        "resume: %s", change.describe(change.breaking))
+        return folder, shared, per_rank, change
+
+    def _write_config(self, resumed: bool = False) -> None:
         path = storage.join(self.run_dir, "config.yaml")
         text = self.recipe.to_yaml()
-        if storage.exists(path):
+        if storage.exists(path) and not resumed:   # a resume names its changes itself
             old = storage.read_bytes(path).decode()
             if old != text:
                 log.warning("the recipe differs from %s (saved run); the new one replaces it", path)
@@ -282,19 +453,31 @@ class Trainer:
         shared = self._shared_state() if self.acc.is_main_process else None
         per_rank = {"rng": rng_state(), "epoch": self.state.epoch, "step": self.state.step,
                     "update": self.state.update, "rank": self.rank}
-        self.store.save(self.state.update, shared, per_rank, self.rank, self.world,
-                        self.acc.wait_for_everyone, self.recipe.train.keep_checkpoints)
+        from .checkpoint import CheckpointWriteError
+
+        try:
+            self.last_checkpoint = self.store.save(
+                self.state.update, shared, per_rank, self.rank, self.world, self.agree,
+                self.recipe.train.keep_checkpoints, self.run_id)
+        except CheckpointWriteError as exc:
+            raise RunError(str(exc), echo="another rank failed" not in str(exc)) from None
         self._last_ckpt = self.state.update
         if self.tracker is not None:
             self.tracker.sync()
 
-    def _load(self, folder: str) -> None:
-        from .checkpoint import CheckpointStore, set_rng_state
+    def _load(self, folder: str, shared: dict[str, Any], per_rank: dict[str, Any] | None,
+              change) -> None:
+        """Restore a checkpoint, then apply the recipe's changeable keys for real."""
+        from .checkpoint import set_rng_state
+        from .runfolder import record_resume
 
-        shared, per_rank, info = CheckpointStore.load(folder, self.rank)
-        self.acc.unwrap_model(self.model).load_state_dict(shared["model"])
-        self.optimizer.load_state_dict(shared["optimizer"])
-        self.scheduler.load_state_dict(shared["scheduler"])
+        echo = self.acc.is_main_process
+        try:
+            self.acc.unwrap_model(self.model).load_state_dict(shared["model"])
+        except (RuntimeError, KeyError, ValueError) as exc:
+            raise RunError(f"--resume {folder}: the checkpoint's weights do not fit this "
+                           f"recipe's model ({_first_line(exc)})", echo=echo) from None
+        self._load_optimizer(folder, shared, "optim.optimizer" in change.changed)
         scaler = getattr(self.acc, "scaler", None)
         if scaler is not None and shared.get("scaler"):
             scaler.load_state_dict(shared["scaler"])
@@ -307,8 +490,38 @@ class Trainer:
             set_rng_state(per_rank["rng"])
         if self.state.step >= self.steps_per_epoch:
             self.state.epoch, self.state.step = self.state.epoch + 1, 0
-        log.info("resumed from %s: epoch %d, batch %d, update %d", folder, self.state.epoch,
-                 self.state.step, self.state.update)
+        changes = change.describe() if change.changed else "none"
+        log.info("resumed from %s: epoch %d, batch %d, update %d; recipe changes: %s", folder,
+                 self.state.epoch, self.state.step, self.state.update, changes)
+        if echo:
+            record_resume(self.run_dir, {"checkpoint": folder, "update": self.state.update,
+                                         "world_size": self.world, **change.to_record(),
+                                         "allowed": bool(change.breaking)})
+
+    def _load_optimizer(self, folder: str, shared: dict[str, Any], replaced: bool) -> None:
+        """Restore the optimizer's state and the schedule's position, keeping this recipe's
+        hyper-parameters (lr, weight decay, momentum, betas) and schedule: restored as they
+        were saved, a changed ``optim.lr`` would be recorded but not used."""
+        inner = self.optimizer.optimizer if hasattr(self.optimizer, "optimizer") else self.optimizer
+        wanted = [{k: v for k, v in g.items() if k != "params"} for g in inner.param_groups]
+        if replaced:
+            log.warning("optim.optimizer changed: the optimizer's state starts afresh")
+        else:
+            try:
+                self.optimizer.load_state_dict(shared["optimizer"])
+            except (RuntimeError, KeyError, ValueError) as exc:
+                raise RunError(f"--resume {folder}: the checkpoint's optimizer state does not "
+                               f"fit this recipe ({_first_line(exc)})",
+                               echo=self.acc.is_main_process) from None
+        for group, hyper in zip(inner.param_groups, wanted):
+            group.update(hyper)
+        self.scheduler.load_state_dict(shared["scheduler"])
+        sched = self.scheduler
+        sched.base_lrs = [g["initial_lr"] for g in inner.param_groups]
+        lrs = [base * fn(sched.last_epoch) for base, fn in zip(sched.base_lrs, sched.lr_lambdas)]
+        for group, lr in zip(inner.param_groups, lrs):
+            group["lr"] = lr
+        sched._last_lr = lrs
 
     # -- validation
     def validate(self) -> dict[str, float]:
@@ -417,7 +630,10 @@ class Trainer:
         window_t0 = time.perf_counter()
         done = st.update >= self.total_updates
         last_loss = math.nan
-        while not done and st.epoch < r.train.epochs:
+        # before the loader forks its workers: they inherit the handlers and so are not
+        # killed by the SIGTERM that SLURM sends to every process of the step
+        self._catch_stop_signals()
+        while not done and st.epoch < r.train.epochs and self.stopped_by is None:
             batches = iter(self.data.batches(st.epoch, st.step))
             while st.step < self.steps_per_epoch:
                 n_micro = min(accum, self.steps_per_epoch - st.step)
@@ -471,8 +687,11 @@ class Trainer:
                 if (r.train.checkpoint_every and st.update % r.train.checkpoint_every == 0
                         and not epoch_end and not done):
                     self.save_checkpoint()
-                if done:
+                self.stopped_by = self._stop_requested()
+                if done or self.stopped_by is not None:
                     break
+            if self.stopped_by is not None:
+                break
             # end of an epoch (or of max_steps)
             if r.eval.enabled and st.last_eval_update != st.update and (
                     not r.eval.every_steps or done):
@@ -482,6 +701,10 @@ class Trainer:
             if self._last_ckpt != st.update:
                 self.save_checkpoint()
         bar.close()
+        if self.stopped_by is not None:
+            if self._last_ckpt != st.update:
+                self.save_checkpoint()
+            return {}
         if acc.is_main_process:
             self._save_encoder("final", {"update": st.update, "epoch": st.epoch})
         digest = param_digest(acc.unwrap_model(model))
@@ -495,9 +718,11 @@ class Trainer:
                       if k.startswith("val/R@")})
         if self.tracker is not None:
             self.tracker.hparams(self.recipe.flat(), final)
-        self.summary = {"updates": st.update, "epochs": st.epoch, "world_size": self.world,
-                        "param_sha256_by_rank": digests, **final,
-                        **{k: v for k, v in self._throughput.items()}}
+        throughput = {"images_per_s": None, "data_wait_fraction": None,
+                      **st.throughput, "mined_queries": st.mined_queries_total}
+        self.summary = json_safe({"updates": st.update, "epochs": st.epoch,
+                                  "world_size": self.world, "param_sha256_by_rank": digests,
+                                  **final, **throughput})
         if acc.is_main_process:
             storage.write_json_atomic(storage.join(self.run_dir, "summary.json"), self.summary)
         acc.wait_for_everyone()
@@ -532,18 +757,53 @@ class Trainer:
         }
         if torch.cuda.is_available() and acc.device.type == "cuda":
             values["perf/gpu_mem_gb"] = torch.cuda.max_memory_allocated(acc.device) / 2**30
-        self._throughput = {"images_per_s": values["perf/images_per_s"],
-                            "data_wait_fraction": values["perf/data_wait_fraction"],
-                            "mined_queries": self.state.mined_queries_total}
+        self.state.throughput = {"images_per_s": values["perf/images_per_s"],
+                                 "data_wait_fraction": values["perf/data_wait_fraction"]}
         self.tracker.scalars(values, self.state.update)
         bar.set_postfix(loss=f"{loss:.4f}", lr=f"{values['train/lr']:.2e}",
                         img_s=f"{values['perf/images_per_s']:.0f}", refresh=False)
         return loss
 
+    # -- stopping on a signal
+    def _on_signal(self, signum: int, frame) -> None:
+        if self._signal_seen == signal.SIGINT and signum == signal.SIGINT:
+            raise KeyboardInterrupt       # a second Ctrl-C: stop now
+        self._signal_seen = signum
+
+    def _catch_stop_signals(self) -> None:
+        import threading
+
+        if threading.current_thread() is not threading.main_thread():
+            return                       # signal handlers belong to the main thread
+        for sig in STOP_SIGNALS:
+            self._old_handlers.setdefault(sig, signal.signal(sig, self._on_signal))
+
+    def _restore_signals(self) -> None:
+        for sig, handler in self._old_handlers.items():
+            signal.signal(sig, handler)
+        self._old_handlers.clear()
+
+    def _stop_requested(self) -> int | None:
+        """The signal every rank stops for (the highest number any rank received), or None."""
+        seen = self._signal_seen
+        if self.world > 1:
+            import torch.distributed as dist
+
+            flag = torch.tensor([seen], dtype=torch.int32, device=self.acc.device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            seen = int(flag.item())
+        if seen and self._signal_seen == 0:
+            self._signal_seen = seen
+        return seen or None
+
     def close(self) -> None:
+        self._restore_signals()
         if self.tracker is not None:
             self.tracker.finish()
             self.tracker = None
         if self.data is not None:
             self.data.close()
             self.data = None
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None

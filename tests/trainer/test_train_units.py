@@ -75,7 +75,7 @@ def test_checkpoints_are_complete_or_ignored_and_pruned(tmp_path):
     store = CheckpointStore(str(tmp_path))
     assert store.latest() is None
     for step in (2, 4, 6):
-        store.save(step, {"step": step}, {"rank": 0}, 0, 1, lambda: None, keep=2)
+        store.save(step, {"step": step}, {"rank": 0}, 0, 1, lambda ok: ok, keep=2)
     assert [p.name for p in sorted((tmp_path / "checkpoints").iterdir())] == [
         "latest.json", "step-000000004", "step-000000006"]
     # a save killed before complete.json is never "latest", and is cleaned up by the next save
@@ -92,7 +92,7 @@ def test_checkpoints_are_complete_or_ignored_and_pruned(tmp_path):
     assert CheckpointStore.resolve(str(tmp_path), "elsewhere").endswith("step-000000006")
     with pytest.raises(FileNotFoundError, match="not a complete checkpoint"):
         CheckpointStore.resolve(str(half), str(tmp_path))
-    store.save(10, {"step": 10}, {"rank": 0}, 0, 1, lambda: None, keep=2)
+    store.save(10, {"step": 10}, {"rank": 0}, 0, 1, lambda ok: ok, keep=2)
     assert not half.exists()
 
 
