@@ -47,21 +47,44 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     from .cli import CommandError
-    from .distributed import leave_process_group
+    from .distributed import PeerFailed, leave_after_failure, leave_process_group
 
     try:
         code = int(args._run(args) or 0)
         leave_process_group()
         return code
-    except (CommandError, ValueError, OSError, IndexError) as exc:
-        from shard_tools.cli import error_line
-
-        print(f"error: {error_line(exc)}", file=sys.stderr)
+    except PeerFailed as exc:     # the failing rank printed the error
+        logging.getLogger(__name__).debug("stopping: %s", exc)
+        leave_after_failure(exc)
         return 2
+    except (CommandError, ValueError, OSError, IndexError) as exc:
+        return _fail(exc)
+    except RuntimeError as exc:
+        if not is_faiss_error(exc):
+            raise
+        return _fail(exc)
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130
 
+
+def is_faiss_error(exc: BaseException) -> bool:
+    """FAISS raises RuntimeError("Error in <C++ signature> at <file>:<line>: ...")."""
+    from shard_tools.cli import strip_cpp_location
+
+    text = str(exc).strip()
+    return bool(text) and strip_cpp_location(text.splitlines()[0]) != text.splitlines()[0]
+
+
+def _fail(exc: BaseException) -> int:
+    """Bad input: one ``error:`` line, exit code 2 (the group left when every rank knows)."""
+    from shard_tools.cli import error_line
+
+    from .distributed import leave_after_failure
+
+    print(f"error: {error_line(exc)}", file=sys.stderr)
+    leave_after_failure(exc)
+    return 2
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -6,10 +6,12 @@ from ``accelerate launch``'s environment, and from SLURM array variables.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
-from typing import Sequence, TypeVar
+from typing import Iterator, Sequence, TypeVar
 
+import torch
 import torch.distributed as dist
 
 from shard_tools.convert import slurm_task
@@ -55,6 +57,58 @@ def leave_process_group() -> None:
     """
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
+        dist.destroy_process_group()
+
+
+class PeerFailed(Exception):
+    """Another rank failed a phase checked with ``checked_together`` (it prints the error);
+    this rank stops without a message of its own."""
+
+
+def in_group() -> bool:
+    """An initialised process group of more than one rank."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def comm_device() -> torch.device:
+    """NCCL moves CUDA tensors only; gloo takes CPU tensors."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def all_ok(ok: bool) -> bool:
+    """True when every rank passes ``ok=True`` (one small all-reduce); ``ok`` alone."""
+    if not in_group():
+        return ok
+    flag = torch.tensor([1 if ok else 0], dtype=torch.int32, device=comm_device())
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
+
+
+@contextlib.contextmanager
+def checked_together() -> Iterator[None]:
+    """A phase (checks, reading inputs, rank 0's writes) after which every rank agrees on
+    success, so a failure on one rank stops all of them at the same point instead of
+    leaving the others blocked in a collective until gloo gives up with a traceback.
+
+    The failing rank re-raises its error (marked ``all_ranks_know``, so it may leave the
+    group); the others raise ``PeerFailed``. Without a group of several ranks: no-op."""
+    try:
+        yield
+    except Exception as exc:
+        if in_group():
+            all_ok(False)
+            exc.all_ranks_know = True   # type: ignore[attr-defined]
+        raise
+    if not all_ok(True):
+        raise PeerFailed("another rank failed")
+
+
+def leave_after_failure(exc: BaseException) -> None:
+    """Destroy the group after a failure every rank knows of (``checked_together``): no
+    barrier is needed, and a live gloo group can abort the interpreter at exit."""
+    if (isinstance(exc, PeerFailed) or getattr(exc, "all_ranks_know", False)) and in_group():
         dist.destroy_process_group()
 
 

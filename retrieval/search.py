@@ -16,9 +16,17 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
+from shard_tools.cli import error_line
+
+from .distributed import comm_device
 from .index import ShardedIndex
 
 log = logging.getLogger(__name__)
+
+# what each search knob needs, for the warning when an index has no use for it
+KNOB_NEEDS = {"nprobe": ("--nprobe", "IVF lists"), "ef_search": ("--ef-search", "HNSW graph"),
+              "k_factor": ("--k-factor", "',RFlat' refine stage")}
+SHOWN_ROWS = 5
 
 
 @dataclass
@@ -56,7 +64,10 @@ def _search_shards(index: ShardedIndex, x: np.ndarray, k: int) -> tuple[np.ndarr
     ss, ii = [], []
     for shard in index.shards:
         kk = min(k, max(1, int(shard.index.ntotal)))
-        s, i = shard.index.search(x, kk)
+        try:
+            s, i = shard.index.search(x, kk)
+        except RuntimeError as exc:
+            raise ValueError(f"FAISS search failed: {error_line(exc)}") from None
         if shard.offset is not None:
             i = np.where(i >= 0, i + shard.offset, -1)
         ss.append(s)
@@ -66,6 +77,17 @@ def _search_shards(index: ShardedIndex, x: np.ndarray, k: int) -> tuple[np.ndarr
     return merge_topk(ss, ii, k)
 
 
+def check_finite(vectors: np.ndarray, what: str = "query") -> None:
+    """Refuse rows holding NaN or Inf (FAISS returns no results for them, silently),
+    naming the first few rows."""
+    bad = np.flatnonzero(~np.isfinite(vectors).all(axis=1)) if vectors.size else []
+    if len(bad):
+        shown = ", ".join(str(int(r)) for r in bad[:SHOWN_ROWS])
+        more = f", ... ({len(bad)} of {len(vectors)} rows)" if len(bad) > SHOWN_ROWS else \
+            f" ({len(bad)} of {len(vectors)})"
+        raise ValueError(f"{what} rows {shown}{more} hold NaN or Inf values")
+
+
 def check_queries(index: ShardedIndex, queries: np.ndarray) -> np.ndarray:
     q = np.ascontiguousarray(queries, dtype=np.float32)
     if q.ndim != 2:
@@ -73,20 +95,32 @@ def check_queries(index: ShardedIndex, queries: np.ndarray) -> np.ndarray:
     if q.shape[1] != index.dim:
         raise ValueError(f"dimension mismatch: the index holds {index.dim}-d vectors, "
                          f"the queries are {q.shape[1]}-d")
+    check_finite(q)
     return q
+
+
+def warn_unused_knobs(index: ShardedIndex, unused: set[str]) -> None:
+    """One warning line per search knob the index has no use for (it would do nothing)."""
+    for name in sorted(unused):
+        flag, needs = KNOB_NEEDS[name]
+        log.warning("%s (%s) has no effect on a %s index (no %s): ignored", name, flag,
+                    index.factory, needs)
 
 
 def search(index: ShardedIndex, queries: np.ndarray, k: int, nprobe: int | None = None,
            batch_size: int = 4096, progress: bool = False, ef_search: int | None = None,
-           k_factor: float | None = None) -> SearchResult:
+           k_factor: float | None = None, warn: bool = True) -> SearchResult:
     """Top-k global row ids of every query over all shards of ``index`` (this process).
 
     ``nprobe`` (IVF), ``ef_search`` (HNSW) and ``k_factor`` (``,RFlat`` re-ranking depth)
-    stay set on the index for later searches; None leaves each as it is."""
+    stay set on the index for later searches; None leaves each as it is. A knob the
+    index has no use for is a warning (``warn=False``: silent, e.g. on other ranks)."""
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
     q = check_queries(index, queries)
-    index.set_params(nprobe=nprobe, ef_search=ef_search, k_factor=k_factor)
+    unused = index.set_params(nprobe=nprobe, ef_search=ef_search, k_factor=k_factor)
+    if warn:
+        warn_unused_knobs(index, unused)
     out_s = np.empty((len(q), k), np.float32)
     out_i = np.empty((len(q), k), np.int64)
     with tqdm(total=len(q), unit="query", desc="search", disable=not progress) as bar:
@@ -120,15 +154,8 @@ def dedupe(result: SearchResult, group_of_id: np.ndarray, k: int) -> SearchResul
 
 # ---------------------------------------------------------------- distributed
 
-def _comm_device() -> torch.device:
-    """NCCL moves CUDA tensors only; gloo takes CPU tensors."""
-    if dist.get_backend() == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
-
-
 def _broadcast_array(x: np.ndarray | None, src: int = 0) -> np.ndarray:
-    rank, dev = dist.get_rank(), _comm_device()
+    rank, dev = dist.get_rank(), comm_device()
     shape = torch.zeros(2, dtype=torch.int64, device=dev)
     if rank == src:
         shape[:] = torch.tensor(x.shape, dtype=torch.int64, device=dev)
@@ -156,9 +183,10 @@ def search_distributed(index: ShardedIndex, queries: np.ndarray | None, k: int,
     if q.shape[1] != index.dim:
         raise ValueError(f"dimension mismatch: the index holds {index.dim}-d vectors, "
                          f"the queries are {q.shape[1]}-d")
-    local = search(index, q, k, nprobe, batch_size, progress and dist.get_rank() == 0,
-                   ef_search, k_factor)
-    world, dev = dist.get_world_size(), _comm_device()
+    rank0 = dist.get_rank() == 0
+    local = search(index, q, k, nprobe, batch_size, progress and rank0, ef_search, k_factor,
+                   warn=rank0)
+    world, dev = dist.get_world_size(), comm_device()
     s_all = [torch.empty((len(q), k), dtype=torch.float32, device=dev) for _ in range(world)]
     i_all = [torch.empty((len(q), k), dtype=torch.int64, device=dev) for _ in range(world)]
     dist.all_gather(s_all, torch.from_numpy(local.scores).to(dev))

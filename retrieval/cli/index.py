@@ -16,7 +16,10 @@ EXAMPLES = """\
   python -m retrieval index --embeddings emb/db --output idx/hnsw --factory HNSW32
 
 Without --shard a SLURM array task builds its share of the shards
-(SLURM_ARRAY_TASK_ID/COUNT); alone, all of them. Existing shard files are kept.
+(SLURM_ARRAY_TASK_ID/COUNT); alone, all of them. Existing shard files that match
+the size and sha256 in index.json are kept; a damaged one is rebuilt, and an index
+built from other embeddings is rebuilt whole. --merge runs once every shard is
+built (not with --shard).
 """
 
 
@@ -39,31 +42,50 @@ def add_arguments(p) -> None:
     add_common(p)
 
 
+def shard_list(numbers: list[int]) -> str:
+    return str(numbers) if len(numbers) < 10 else f"{len(numbers)} shards"
+
+
+def summary(args, emb, report) -> str:
+    """What this run did: built (new or repaired) and kept shards, each named once."""
+    done = [f"built {shard_list(report.built)}" if report.built else "built none"]
+    if report.repaired:
+        done.append(f"repaired {shard_list(sorted(report.repaired))}")
+    if report.kept:
+        done.append(f"kept {shard_list(report.kept)}, already built")
+    return (f"{args.factory}: {len(emb)} rows x {emb.dim}-d in {args.num_shards} shards "
+            f"({'; '.join(done)})")
+
+
 def run(args) -> int:
     from ..distributed import array_task, take_part
     from ..embed import Embeddings
-    from ..index import build_index, merge_ondisk, new_index
+    from ..index import build_index_folder, merge_ondisk, new_index, takes_global_ids
 
     if args.num_shards < 1:
         raise CommandError("--num-shards must be >= 1")
     if args.train_size is not None and args.train_size < 1:
         raise CommandError("--train-size must be >= 1")
+    if args.merge and args.shard is not None:
+        raise CommandError("--merge merges every shard, so it does not go with --shard: build "
+                           "the shards, then run once with --merge and without --shard")
     emb = Embeddings.open(args.embeddings)
-    new_index(emb.dim or 1, args.factory)   # a bad factory fails before any work
+    probe = new_index(emb.dim or 1, args.factory)   # a bad factory fails before any work
+    if args.merge and not takes_global_ids(probe):
+        raise CommandError(f"--merge needs an IVF index, --factory {args.factory} is not one")
     if args.shard is not None:
         shards = [args.shard]
     else:
         task, ntasks = array_task(args.task_index, args.num_tasks)
         shards = take_part(list(range(args.num_shards)), task, ntasks)
-    index = build_index(emb, args.output, args.factory, args.num_shards, shards,
-                        args.train_size, args.seed, progress=not args.no_progress)
-    msg = (f"{args.factory}: {len(emb)} rows x {emb.dim}-d in {args.num_shards} shards "
-           f"(built {shards if len(shards) < 10 else len(shards)})")
-    if index is None:
-        print(msg + f"; {args.output} waits for other shards")
+    report = build_index_folder(emb, args.output, args.factory, args.num_shards, shards,
+                                args.train_size, args.seed, progress=not args.no_progress)
+    msg = summary(args, emb, report)
+    if report.index is None:
+        wait = f"; {args.output} waits for shards {shard_list(report.missing)}"
+        print(msg + wait + ("; --merge runs once they are built" if args.merge else ""))
         return 0
     if args.merge:
-        path = merge_ondisk(args.output)
-        msg += f"; merged into {path}"
-    print(msg + f"; index complete: {index.ntotal} vectors in {args.output}")
+        msg += f"; merged into {merge_ondisk(args.output)}"
+    print(msg + f"; index complete: {report.index.ntotal} vectors in {args.output}")
     return 0

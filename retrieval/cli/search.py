@@ -1,10 +1,22 @@
 """``python -m retrieval search``: query embeddings -> top-k per query (JSON lines)."""
 from __future__ import annotations
 
+import errno
 import json
+import logging
 import os
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from . import CommandError, add_common, add_search_params, search_params
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from ..embed import Embeddings
+    from ..index import ShardedIndex
+
+log = logging.getLogger(__name__)
 
 HELP = "search a sharded index with query embeddings; top-k merged over all shards"
 EXAMPLES = """\
@@ -32,56 +44,116 @@ def add_arguments(p) -> None:
     p.add_argument("--dedupe", action="store_true",
                    help="one result per database image (its best rotation)")
     p.add_argument("--batch-size", type=int, default=4096, help="queries per search call")
+    p.add_argument("--allow-mixed-encoders", action="store_true",
+                   help="search even when the queries and the index's embeddings were made by "
+                        "different encoders (their scores are then not comparable)")
     p.add_argument("--output", required=True, metavar="RESULTS.jsonl", help="output file")
     add_common(p)
 
 
-def run(args) -> int:
-    import numpy as np
+@dataclass
+class Inputs:
+    """What every rank reads and checks before any collective: its index shards, the
+    database embeddings (digest checked), the queries (rows on rank 0 only)."""
 
-    from shard_tools import storage
+    index: "ShardedIndex"
+    database: "Embeddings"
+    queries: "Embeddings"
+    vectors: "np.ndarray | None"
 
-    from ..distributed import init_process_group_from_env, take_part
+
+def check_encoders(database, queries, index_encoder, allow: bool) -> None:
+    """Refuse queries embedded by another encoder than the index's embeddings (weights
+    digest), unless ``--allow-mixed-encoders``; unknown on either side: nothing to compare."""
+    from ..provenance import describe_encoder, same_encoder
+
+    made_db = index_encoder or database.meta.get("encoder")
+    made_q = queries.meta.get("encoder")
+    if same_encoder(made_db, made_q) is not False:
+        return
+    text = (f"the index's embeddings ({database.root}) were made by "
+            f"{describe_encoder(made_db)}, the queries ({queries.root}) by "
+            f"{describe_encoder(made_q)}")
+    if allow:
+        log.warning("%s: scores compare different encoders (--allow-mixed-encoders)", text)
+        return
+    raise CommandError(f"{text}; pass --allow-mixed-encoders to search anyway")
+
+
+def open_inputs(args, rank: int, world: int) -> Inputs:
+    from ..distributed import take_part
     from ..embed import Embeddings
-    from ..index import INDEX_META, ShardedIndex
-    from ..search import dedupe, search_distributed
+    from ..index import ShardedIndex, read_meta
+    from ..search import check_finite
 
-    if args.k < 1 or args.batch_size < 1:
-        raise CommandError(f"-k and --batch-size must be >= 1, got {args.k} and {args.batch_size}")
-    params = search_params(args)
-    rank, world = init_process_group_from_env()
-    meta_path = os.path.join(args.index, INDEX_META)
-    if not os.path.exists(meta_path):
-        raise FileNotFoundError(f"not an index folder (no {INDEX_META}): {args.index}")
-    with open(meta_path) as f:
-        meta = json.load(f)
+    meta = read_meta(args.index)
     queries = Embeddings.open(args.queries)
     if queries.dim != meta["dim"]:
         raise CommandError(f"dimension mismatch: the index holds {meta['dim']}-d vectors, "
                            f"the queries are {queries.dim}-d")
-    if not meta.get("embeddings"):
-        raise CommandError(f"{meta_path} names no source embeddings")
-    database = Embeddings.open(meta["embeddings"])
     numbers = take_part(list(range(len(meta["shards"]))), rank, world) if world > 1 else None
-    index = ShardedIndex.load(args.index, numbers)
-    n_rot = len(database.rotations) if args.dedupe else 1
-    k = min(args.k * n_rot, len(database))
-    res = search_distributed(index, queries.all() if rank == 0 else None, k,
-                             batch_size=args.batch_size, progress=not args.no_progress, **params)
-    if rank != 0:
-        return 0
-    if args.dedupe:
-        res = dedupe(res, database.image_of_row, args.k)
-    keys = database.keys
+    index = ShardedIndex.load(args.index, numbers, check_embeddings=False)
+    database = index.open_embeddings()
+    check_encoders(database, queries, meta.get("encoder"), args.allow_mixed_encoders)
+    vectors = None
+    if rank == 0:
+        vectors = queries.all()
+        check_finite(vectors, f"{args.queries}: query")
+    return Inputs(index, database, queries, vectors)
+
+
+def check_output(path: str) -> None:
+    """Fail before the search, with the messages the final write would give."""
+    from shard_tools import storage
+
+    if storage.is_remote(path):
+        return
+    if os.path.isdir(path):
+        raise IsADirectoryError(errno.EISDIR, "is a folder, not a file to write", path)
+    storage.makedirs(os.path.dirname(os.path.abspath(path)))
+
+
+def write_results(args, inputs: Inputs, res) -> None:
+    from shard_tools import storage
+
+    keys = inputs.database.keys
     lines = []
-    for rec, s, i in zip(queries.records, res.scores, res.ids):
+    for rec, s, i in zip(inputs.queries.records, res.scores, res.ids):
         valid = i >= 0
         lines.append(json.dumps({"query": rec.get("key"), "rotation": rec.get("rotation", 0),
                                  "ids": i[valid].tolist(),
                                  "scores": [round(float(v), 6) for v in s[valid]],
                                  "keys": keys[i[valid]].tolist()}))
     storage.write_bytes_atomic(args.output, ("\n".join(lines) + "\n").encode())
+
+
+def run(args) -> int:
+    import numpy as np
+
+    from ..distributed import checked_together, init_process_group_from_env
+    from ..search import dedupe, search_distributed
+
+    if args.k < 1 or args.batch_size < 1:
+        raise CommandError(f"-k and --batch-size must be >= 1, got {args.k} and {args.batch_size}")
+    params = search_params(args)
+    rank, world = init_process_group_from_env()
+    with checked_together():     # a bad input on any rank stops every rank here
+        if rank == 0:
+            check_output(args.output)
+        inputs = open_inputs(args, rank, world)
+    n_rot = len(inputs.database.rotations) if args.dedupe else 1
+    k = min(args.k * n_rot, len(inputs.database))
+    res = search_distributed(inputs.index, inputs.vectors, k, batch_size=args.batch_size,
+                             progress=not args.no_progress, **params)
+    with checked_together():     # rank 0 writes; the others wait to hear it went well
+        if rank == 0:
+            if args.dedupe:
+                res = dedupe(res, inputs.database.image_of_row, args.k)
+            write_results(args, inputs, res)
+    if rank != 0:
+        return 0
     hits = int(np.sum(res.ids >= 0))
+    meta = inputs.index.meta
     print(f"searched {len(res)} queries over {meta['rows']} rows ({len(meta['shards'])} shards, "
           f"{world} ranks): {hits} results -> {args.output}")
     return 0
