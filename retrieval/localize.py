@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -21,8 +21,9 @@ from shard_tools.formats import parse_earthloc_name
 
 from .embed import Embeddings, encode_batch
 from .geojson import feature, feature_collection, footprint_geometry, record_geometry
-from .images import load_views
+from .images import load_photo, to_tensor
 from .index import ShardedIndex
+from .provenance import describe_encoder, encoder_identity, same_encoder
 from .search import dedupe, search
 
 log = logging.getLogger(__name__)
@@ -46,6 +47,64 @@ def true_footprint(path: str) -> list[list[float]] | None:
     return fp if fp and len(fp) == 4 else None
 
 
+def encoder_mismatch(embeddings_meta: Mapping[str, Any], model_path: str) -> str | None:
+    """Why the photographs and the database may be embedded by different weights, or None.
+
+    Encoders are compared by weights digest, never by folder: a copy of the same
+    weights is the same encoder. Embeddings written before digests were recorded carry
+    only a ``path@size:mtime`` label; a different size still tells, anything else cannot
+    be checked (said at debug level, not warned).
+    """
+    try:
+        current = encoder_identity(model_path)
+    except OSError as exc:
+        log.debug("cannot digest the weights of %s (%s): encoder not checked", model_path, exc)
+        return None
+    recorded = embeddings_meta.get("encoder")
+    label = embeddings_meta.get("model")
+    same, made_by = same_encoder(recorded, current), describe_encoder(recorded)
+    if same is None and isinstance(label, str):
+        same, made_by = _same_size_as_label(label, current), label.rsplit("@", 1)[0]
+    if same is None:
+        log.debug("the index's embeddings record no encoder weights digest (made by %s): "
+                  "cannot check that --model %s made them", made_by, model_path)
+        return None
+    if same:
+        return None
+    return (f"the index's embeddings were made by {made_by}, not by --model "
+            f"{describe_encoder(current)}: the photographs and the database are embedded by "
+            "different weights")
+
+
+def _same_size_as_label(label: str, current: Mapping[str, str]) -> bool | None:
+    """False when an old ``path@size:mtime`` label names weights of another size, else None."""
+    if "@" not in label:
+        return None
+    try:
+        size = int(label.rsplit("@", 1)[1].split(":")[0])
+        now = os.path.getsize(os.path.join(current["path"], "model.safetensors"))
+    except (ValueError, OSError):
+        return None
+    return False if size != now else None
+
+
+def embed_photos(encoder: nn.Module, images: Sequence[str], image_size: tuple[int, int],
+                 batch_size: int = 16) -> np.ndarray:
+    """``[N, D]`` descriptors of photograph files, each upright (EXIF) and decoded at
+    reduced size; a file that is not a readable image is a ``ValueError`` naming it."""
+    vectors = []
+    was_training = encoder.training
+    encoder.eval()
+    try:
+        for a in range(0, len(images), batch_size):
+            batch = [to_tensor(load_photo(path, max(image_size)), image_size)
+                     for path in images[a:a + batch_size]]
+            vectors.append(encode_batch(encoder, torch.stack(batch)))
+    finally:
+        encoder.train(was_training)
+    return np.concatenate(vectors)
+
+
 def localize(encoder: nn.Module, images: Sequence[str], index: ShardedIndex, database: Embeddings,
              image_size: tuple[int, int], top_k: int = 10, nprobe: int | None = None,
              batch_size: int = 16, ef_search: int | None = None,
@@ -53,19 +112,7 @@ def localize(encoder: nn.Module, images: Sequence[str], index: ShardedIndex, dat
     """Top-k distinct database images for each image file."""
     if top_k < 1:
         raise ValueError(f"--top-k must be >= 1, got {top_k}")
-    vectors = []
-    was_training = encoder.training
-    encoder.eval()
-    try:
-        for a in range(0, len(images), batch_size):
-            batch = []
-            for path in images[a:a + batch_size]:
-                with open(path, "rb") as f:
-                    batch.append(load_views(f.read(), image_size, (0,))[0])
-            vectors.append(encode_batch(encoder, torch.stack(batch)))
-    finally:
-        encoder.train(was_training)
-    q = np.concatenate(vectors)
+    q = embed_photos(encoder, images, image_size, batch_size)
     n_rot = max(1, len(database.rotations))
     wide = search(index, q, min(top_k * n_rot, max(1, index.ntotal)), nprobe,
                   ef_search=ef_search, k_factor=k_factor)
@@ -109,6 +156,6 @@ def map_image(loc: Localization, query_path: str | None = None, height: int = 51
         rec = p["record"]
         fp = rec.get("footprint")
         shapes.append(np.asarray(fp if fp else [[rec["lat"], rec["lon"]]], np.float64))
-    query = Image.open(query_path) if query_path else None
+    query = load_photo(query_path, height) if query_path else None
     return draw_map(shapes, None if loc.truth is None else np.asarray(loc.truth), query, height,
                     use_bluemarble)
