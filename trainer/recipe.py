@@ -12,16 +12,16 @@ from __future__ import annotations
 
 import dataclasses
 import re
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence, Union
+from typing import Any, Mapping, Sequence
 
 from .config import apply_overrides, load_recipe
 from .data import DataConfig
 from .losses import CriterionConfig
-from .models.config import CheckedConfig, ModelConfig, check_keys, image_hw
+from .models.config import (CheckedConfig, ModelConfig, check_keys, coerce_value, image_hw,
+                            type_name)
 
 __all__ = ["ConfigError", "OptimConfig", "TrainConfig", "EvalConfig", "LogConfig", "Recipe",
            "OPTIMIZERS", "SCHEDULES", "PRECISIONS"]
@@ -71,8 +71,15 @@ class OptimConfig(CheckedConfig):
             raise ConfigError(f"optim.lr must be > 0, got {self.lr}")
         if self.warmup_steps < 0:
             raise ConfigError(f"optim.warmup_steps must be >= 0, got {self.warmup_steps}")
-        if len(self.betas) != 2:
-            raise ConfigError(f"optim.betas must be two numbers, got {self.betas}")
+        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ConfigError(f"optim.betas must be two numbers in [0, 1), got {self.betas}")
+        for name in ("weight_decay", "momentum"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"optim.{name} must be >= 0, got {getattr(self, name)}")
+        if self.optimizer == "sgd" and self.nesterov and self.momentum <= 0:
+            raise ConfigError("optim.nesterov needs optim.momentum > 0")
+        if self.gamma <= 0:
+            raise ConfigError(f"optim.gamma must be > 0, got {self.gamma}")
         if self.schedule == "multistep" and not self.milestones:
             raise ConfigError("optim.schedule multistep needs optim.milestones (epochs)")
         if list(self.milestones) != sorted(self.milestones):
@@ -235,73 +242,6 @@ _SECTIONS: dict[str, type] = {"model": ModelConfig, "loss": CriterionConfig, "da
 _NAME_SHORTHAND = {("model", "aggregator"), ("loss", "loss"), ("loss", "miner")}
 
 
-def _type_name(tp: Any) -> str:
-    if tp is type(None):
-        return "null"
-    origin = typing.get_origin(tp)
-    if origin in (Union, types.UnionType):
-        return " | ".join(_type_name(a) for a in typing.get_args(tp))
-    if origin is not None:
-        return {list: "list", tuple: "list", dict: "mapping"}.get(origin, str(origin))
-    return getattr(tp, "__name__", str(tp)).replace("str", "string")
-
-
-def _coerce(value: Any, tp: Any) -> tuple[bool, Any]:
-    """(matches, value): ints are floats, a YAML ``1e-4`` (a string) is a float."""
-    if tp is Any:
-        return True, value
-    origin = typing.get_origin(tp)
-    if origin in (Union, types.UnionType):
-        args = typing.get_args(tp)
-        for a in args:     # exact matches first: 3 stays an int in ``int | float``
-            ok, v = _coerce(value, a)
-            if ok and (not isinstance(value, str) or a is str):
-                return True, v
-        for a in args:
-            ok, v = _coerce(value, a)
-            if ok:
-                return True, v
-        return False, value
-    if tp is type(None):
-        return value is None, value
-    if tp is bool:
-        return isinstance(value, bool), value
-    if tp is int:
-        return isinstance(value, int) and not isinstance(value, bool), value
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return True, float(value)
-        if isinstance(value, str):
-            try:
-                return True, float(value)
-            except ValueError:
-                return False, value
-        return False, value
-    if tp is str:
-        return isinstance(value, str), value
-    if origin in (list, tuple) or tp in (list, tuple):
-        if not isinstance(value, (list, tuple)):
-            return False, value
-        args = typing.get_args(tp)
-        if origin is tuple and args and args[-1] is not Ellipsis:
-            if len(args) != len(value):
-                return False, value
-            pairs = list(zip(value, args))
-        else:
-            elem = args[0] if args else Any
-            pairs = [(v, elem) for v in value]
-        out = []
-        for v, a in pairs:
-            ok, v = _coerce(v, a)
-            if not ok:
-                return False, value
-            out.append(v)
-        return True, out
-    if origin is dict or tp is dict or origin is Mapping:
-        return isinstance(value, Mapping), value
-    return True, value
-
-
 def _checked(section: str, cls: type, data: Any) -> dict[str, Any]:
     """Keys and types of one section, before its dataclass sees it."""
     if data is None:
@@ -319,9 +259,9 @@ def _checked(section: str, cls: type, data: Any) -> dict[str, Any]:
         if (section, key) in _NAME_SHORTHAND and isinstance(value, str):
             out[key] = value
             continue
-        ok, value = _coerce(value, tp)
+        ok, value = coerce_value(value, tp)
         if not ok:
-            raise ConfigError(f"{section}.{key} must be {_type_name(tp)}, got {data[key]!r}")
+            raise ConfigError(f"{section}.{key} must be {type_name(tp)}, got {data[key]!r}")
         out[key] = value
     return out
 
@@ -374,24 +314,23 @@ class Recipe:
         return cls.from_dict(raw, name=Path(path).stem)
 
     def check(self) -> None:
-        """Combinations that no single section can see."""
+        """Combinations that no single section can see, and every check a run makes before
+        it builds: the model (built and run on the meta device, so ``--check`` refuses
+        what a run would) and the criterion."""
         if self.loss.query_aware and not self.data.mine_queries:
             raise ConfigError("loss.query_aware needs data.mine_queries: true (no batch would "
                               "hold a mined query)")
-        from .models.aggregators import list_aggregators
-        agg = str(self.model.aggregator.get("name"))
-        if agg not in list_aggregators():
-            try:
-                check_keys([agg], list_aggregators(), "model.aggregator names")
-            except ValueError as exc:
-                raise ConfigError(str(exc)) from None
+        from .losses import build_criterion
+        from .models.model import check_model
+
+        sizes = {"eval.image_size": self.eval.image_size} if self.eval.image_size else {}
         try:
-            from .losses import build_loss, build_miner, _named
-            ln, lp = _named(self.loss.loss, "loss.loss")
-            mn, mp = _named(self.loss.miner, "loss.miner")
-            build_loss(ln, **lp)
-            build_miner(mn, **mp)
+            self.model = check_model(self.model, sizes)
         except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        try:
+            build_criterion(self.loss)
+        except (ValueError, TypeError) as exc:
             raise ConfigError(f"loss: {str(exc).splitlines()[0]}") from None
 
     def require_training_data(self) -> None:

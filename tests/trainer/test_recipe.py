@@ -78,3 +78,75 @@ def test_training_needs_shards():
     r = Recipe.from_dict(full(data={"train_shards": None}))
     with pytest.raises(ConfigError, match="data.train_shards is not set"):
         r.require_training_data()
+
+
+DINO = {"backbone": "dinov2_small", "image_size": 56, "aggregator": {"name": "cls"}}
+
+
+@pytest.mark.parametrize("data, message", [
+    (full(model={"backbone": "resnet19"}),
+     "model.backbone: unknown backbone 'resnet19'"),
+    (full(model={**DINO, "image_size": 64}),
+     "model.image_size: DINOv2 input size must be a multiple of 14, got 64x64"),
+    (full(model=DINO, eval={"image_size": 100}),
+     "eval.image_size: DINOv2 input size must be a multiple of 14, got 100x100"),
+    (full(model={"backbone": "resnet18", "image_size": 32, "aggregator": {"name": "gem", "p": "abc"}}),
+     "model.aggregator.p must be float, got 'abc'"),
+    (full(model={"backbone": "resnet18", "image_size": 32, "aggregator": {"name": "gem", "pp": 3}}),
+     "model.aggregator: unknown key 'pp' in aggregator 'gem'"),
+    (full(model={"backbone": "resnet18", "image_size": 32, "aggregator": {"name": "cls"}}),
+     "aggregator 'cls' needs a CLS token"),
+    (full(model={**DINO, "aggregator": {"name": "salad", "num_clusters": 64}}),
+     "model.image_size: SALAD needs more features than clusters"),
+    (full(optim={"betas": [2, 3]}), "optim.betas must be two numbers in [0, 1), got [2.0, 3.0]"),
+    (full(optim={"weight_decay": -1}), "optim.weight_decay must be >= 0"),
+    (full(optim={"optimizer": "sgd", "nesterov": True, "momentum": 0}),
+     "optim.nesterov needs optim.momentum > 0"),
+    (full(model={"backbone": "resnet18", "image_size": 32, "pretrained": "IMAGENET9"}),
+     "model.pretrained: unknown pretrained weights 'IMAGENET9' for resnet18"),
+])
+def test_every_value_a_run_refuses_is_refused_by_the_recipe(data, message):
+    with pytest.raises(ConfigError) as err:
+        Recipe.from_dict(data)
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_a_missing_pretrained_file_is_refused_before_building(tmp_path):
+    missing = tmp_path / "r18.safetensors"
+    with pytest.raises(ConfigError) as err:
+        Recipe.from_dict(full(model={"backbone": "resnet18", "image_size": 32,
+                                     "pretrained": str(missing)}))
+    assert str(err.value) == f"model.pretrained: pretrained weights file not found: {missing}"
+
+
+def test_aggregator_values_are_coerced_to_their_declared_types():
+    r = Recipe.from_dict(full(model={"backbone": "resnet18", "image_size": 32,
+                                     "aggregator": {"name": "gem", "p": "1e-1"}}))
+    assert r.model.aggregator == {"name": "gem", "p": 0.1}
+
+
+@pytest.mark.parametrize("text, message", [
+    ("model: {backbone: resnet18}\ndata: {}\nmodel: {backbone: resnet50}\n",
+     "duplicate key 'model' at line 3 (first at line 1)"),
+    ("optim:\n  lr: 1.0e-4\n  gamma: 0.5\n  lr: 1.0e-3\n",
+     "duplicate key 'lr' at line 4 (first at line 2)"),
+    ("model:\n  aggregator: {name: gem, p: 3, p: 4}\n", "duplicate key 'p' at line 2"),
+])
+def test_duplicate_keys_at_any_level_are_refused_naming_key_and_line(tmp_path, text, message):
+    path = tmp_path / "dup.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as err:
+        Recipe.load(path)
+    assert str(err.value).startswith(f"{path}: {message}") and "\n" not in str(err.value)
+
+
+def test_yaml_merge_keys_may_still_be_overridden(tmp_path):
+    path = tmp_path / "merge.yaml"
+    path.write_text("model: {backbone: resnet18, image_size: 32, aggregator: {name: gem}}\n"
+                    "loss:\n  loss: &ms {name: MultiSimilarityLoss, alpha: 1}\n"
+                    "  miner: null\n"
+                    "data: {train_shards: x, places_per_batch: 4}\n")
+    assert Recipe.load(path, ["loss.loss={<<: {name: ntxent}, temperature: 0.1}"]).loss.loss == {
+        "name": "ntxent", "temperature": 0.1}
+    with pytest.raises(ConfigError, match="override 'loss.loss=.*': duplicate key 'name'"):
+        Recipe.load(path, ["loss.loss={name: ntxent, name: fastap}"])

@@ -22,6 +22,8 @@ __all__ = [
     "DinoV2Backbone",
     "build_backbone",
     "canonical_backbone_name",
+    "check_pretrained",
+    "check_input_size",
 ]
 
 _log = logging.getLogger(__name__)
@@ -56,6 +58,61 @@ def canonical_backbone_name(name: str) -> str:
         hint = f"; did you mean '{close[0]}'?" if close else ""
         raise ValueError(f"unknown backbone '{name}' (choose from {', '.join(BACKBONES)}){hint}")
     return key
+
+
+def _resnet_weights_tag(name: str, pretrained: bool | str) -> str:
+    """The torchvision weights tag that ``pretrained`` names for ResNet ``name``."""
+    from torchvision.models import get_model_weights
+
+    tag = "IMAGENET1K_V1" if pretrained is True or str(pretrained).lower() == "imagenet" else str(pretrained)
+    enum = get_model_weights(name)
+    if tag not in enum.__members__:
+        raise ValueError(
+            f"unknown pretrained weights '{pretrained}' for {name} "
+            f"(use true, one of {', '.join(enum.__members__)}, or a local file)"
+        )
+    return tag
+
+
+def _timm_model_name(name: str, pretrained: bool | str) -> str:
+    """The timm model name (``arch.tag`` or ``hf-hub:...``) that ``pretrained`` names."""
+    arch, hub = _DINOV2_ARCH[name], str(pretrained)
+    return arch if pretrained is True else (hub if hub.startswith("hf-hub:") else f"{arch}.{hub}")
+
+
+def check_pretrained(name: str, pretrained: bool | str | None) -> None:
+    """Refuse a ``pretrained`` value that building would refuse, without reading or fetching
+    weights: a local file must exist, a torchvision or timm tag must be known (hub
+    repositories can only be checked by fetching them)."""
+    if not pretrained:
+        return
+    key = canonical_backbone_name(name)
+    if is_weights_file(pretrained):
+        if not os.path.isfile(os.fspath(pretrained)):
+            raise FileNotFoundError(f"pretrained weights file not found: {os.fspath(pretrained)}")
+        return
+    if key in _RESNET_STAGE_CHANNELS:
+        _resnet_weights_tag(key, pretrained)
+        return
+    model_name = _timm_model_name(key, pretrained)
+    if not model_name.startswith("hf-hub:"):
+        from timm.models import get_pretrained_cfg
+
+        try:
+            get_pretrained_cfg(model_name)
+        except RuntimeError:
+            import timm
+
+            tags = [n.partition(".")[2] for n in timm.list_pretrained(_DINOV2_ARCH[key] + ".*")]
+            raise ValueError(f"unknown pretrained weights '{pretrained}' for {key} (use true, "
+                             f"one of {', '.join(tags)}, hf-hub:REPO, or a local file)") from None
+
+
+def check_input_size(name: str, size: int | Iterable[int]) -> None:
+    """Refuse an input size backbone ``name`` cannot take (DINOv2: multiples of 14)."""
+    hw = image_hw(size)
+    if canonical_backbone_name(name) in _DINOV2_ARCH:
+        _check_multiple(hw)
 
 
 def _ceil_half(n: int) -> int:
@@ -109,13 +166,8 @@ class ResNetBackbone(nn.Module):
             return
         from torchvision.models import get_model_weights
 
-        tag = "IMAGENET1K_V1" if pretrained is True or str(pretrained).lower() == "imagenet" else str(pretrained)
+        tag = _resnet_weights_tag(self.name, pretrained)
         enum = get_model_weights(self.name)
-        if tag not in enum.__members__:
-            raise ValueError(
-                f"unknown pretrained weights '{pretrained}' for {self.name} "
-                f"(use true, one of {', '.join(enum.__members__)}, or a local file)"
-            )
         guard_url_download(enum[tag].url, f"{self.name} ({tag})")
         state = fetch_or_fail(f"{self.name} ({tag})", lambda: enum[tag].get_state_dict(progress=False))
         self.load_state_dict(self._drop_unused(state), strict=True)
@@ -175,8 +227,7 @@ class DinoV2Backbone(nn.Module):
         arch = _DINOV2_ARCH[name]
         kwargs: dict[str, Any] = dict(num_classes=0, img_size=hw, dynamic_img_size=True)
         if pretrained and not is_weights_file(pretrained):
-            hub = str(pretrained)
-            model_name = arch if pretrained is True else (hub if hub.startswith("hf-hub:") else f"{arch}.{hub}")
+            model_name = _timm_model_name(name, pretrained)
             run = guard_timm_download(model_name)
             self.model = run(lambda: timm.create_model(model_name, pretrained=True, **kwargs))
         else:

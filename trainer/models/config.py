@@ -3,10 +3,12 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import types
+import typing
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Iterable, Mapping
+from typing import Any, ClassVar, Iterable, Mapping, Union
 
-__all__ = ["CheckedConfig", "ModelConfig", "check_keys", "image_hw"]
+__all__ = ["CheckedConfig", "ModelConfig", "check_keys", "image_hw", "coerce_value", "type_name"]
 
 
 def check_keys(given: Iterable[str], valid: Iterable[str], where: str) -> None:
@@ -50,6 +52,75 @@ class CheckedConfig:
     def replace(self, **changes: Any):
         check_keys(changes.keys(), self.field_names(), self.CONFIG_NAME)
         return dataclasses.replace(self, **changes)
+
+
+def type_name(tp: Any) -> str:
+    if tp is type(None):
+        return "null"
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        return " | ".join(type_name(a) for a in typing.get_args(tp))
+    if origin is not None:
+        return {list: "list", tuple: "list", dict: "mapping"}.get(origin, str(origin))
+    return getattr(tp, "__name__", str(tp)).replace("str", "string")
+
+
+def coerce_value(value: Any, tp: Any) -> tuple[bool, Any]:
+    """(matches, value) of a YAML value against a type hint: ints are floats, a YAML
+    ``1e-4`` (a string) is a float; shared by the recipe's sections and the aggregator's
+    keyword parameters."""
+    if tp is Any:
+        return True, value
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        for a in args:     # exact matches first: 3 stays an int in ``int | float``
+            ok, v = coerce_value(value, a)
+            if ok and (not isinstance(value, str) or a is str):
+                return True, v
+        for a in args:
+            ok, v = coerce_value(value, a)
+            if ok:
+                return True, v
+        return False, value
+    if tp is type(None):
+        return value is None, value
+    if tp is bool:
+        return isinstance(value, bool), value
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool), value
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return True, float(value)
+        if isinstance(value, str):
+            try:
+                return True, float(value)
+            except ValueError:
+                return False, value
+        return False, value
+    if tp is str:
+        return isinstance(value, str), value
+    if origin in (list, tuple) or tp in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            return False, value
+        args = typing.get_args(tp)
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(args) != len(value):
+                return False, value
+            pairs = list(zip(value, args))
+        else:
+            elem = args[0] if args else Any
+            pairs = [(v, elem) for v in value]
+        out = []
+        for v, a in pairs:
+            ok, v = coerce_value(v, a)
+            if not ok:
+                return False, value
+            out.append(v)
+        return True, out
+    if origin is dict or tp is dict or origin is Mapping:
+        return isinstance(value, Mapping), value
+    return True, value
 
 
 def image_hw(size: int | Iterable[int]) -> tuple[int, int]:
