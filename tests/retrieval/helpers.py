@@ -50,3 +50,21 @@ def has_bluemarble() -> bool:
         return False
 
 
+def reconvert_with_other_images(shards: Path, seed0: int = 500) -> Path:
+    """Convert the same EarthLoc tiles from other pixels into ``shards`` again: the same
+    shard names and count, other content (and manifest sha256s)."""
+    import shutil
+
+    from conftest import TEST_TILES, make_earthloc_tree
+
+    src = shards.parent / f"{shards.name}-src-{seed0}"
+    make_earthloc_tree(src, TEST_TILES, seed0=seed0)
+    shutil.rmtree(shards)
+    return convert(src, shards, shard_size=4)
+
+
+def copy_shards(src: Path, dst: Path) -> Path:
+    import shutil
+
+    shutil.copytree(src, dst)
+    return dst

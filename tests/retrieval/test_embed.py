@@ -125,6 +125,7 @@ def test_cli_bad_inputs_are_one_line(tile_shards, encoder_dir, tmp_path):
     proc = run_cli("embed", "--model", bad, "--shards", tile_shards, "--output", tmp_path / "e2")
     last = proc.stderr.strip().splitlines()[-1]
     assert proc.returncode == 2 and last.startswith("error: cannot load encoder")
+    assert f"{bad / 'config.json'}: not valid JSON" in last      # the file, not only the folder
     assert "Traceback" not in proc.stderr
 
 
@@ -172,3 +173,132 @@ def test_embed_sigkilled_then_resumed(tmp_path):
     emb = Embeddings.open(str(out))
     assert len(emb) == 24 * 4 and len(set(emb.keys)) == 24
     assert np.allclose(np.linalg.norm(emb.all(), axis=1), 1.0, atol=1e-5)
+
+
+def _manifest_sha256(shards) -> list[str]:
+    return [s["sha256"] for s in json.loads((shards / "manifest.json").read_text())["shards"]]
+
+
+def test_embeddings_record_encoder_shard_digests_and_a_digest_of_their_rows(tile_shards,
+                                                                           encoder_dir, tmp_path):
+    from retrieval.provenance import embeddings_digest, file_sha256
+
+    out = tmp_path / "emb"
+    proc = run_cli("embed", "--model", encoder_dir, "--shards", tile_shards, "--output", out,
+                   "--no-progress")
+    assert proc.returncode == 0, proc.stderr
+    meta = json.loads((out / "embeddings.json").read_text())
+    params = json.loads((out / "params.json").read_text())
+    weights = file_sha256(encoder_dir / "model.safetensors")
+    for doc in (meta, params):
+        assert doc["encoder"] == {"path": str(encoder_dir), "weights_sha256": weights}
+        assert doc["shard_sha256"] == _manifest_sha256(tile_shards)
+    emb = Embeddings.open(str(out))
+    # the recorded digest is the one computed over the same rows anywhere else
+    assert meta["digest"] == embeddings_digest(Embeddings(emb.arrays)) == emb.digest
+    assert emb.encoder == meta["encoder"]
+
+
+def test_a_shard_changed_since_embedded_is_embedded_again_and_said_so(tile_shards, tmp_path,
+                                                                     caplog):
+    from tests.retrieval.helpers import copy_shards, reconvert_with_other_images
+
+    shards = copy_shards(tile_shards, tmp_path / "shards")
+    enc, out = tiny_encoder(), tmp_path / "emb"
+    embed_shards(enc, str(shards), str(out), (32, 32), progress=False)
+    before = Embeddings.open(str(out))
+    old_rows, old_digest = before.all(), before.digest
+    reconvert_with_other_images(shards)              # same names and count, other images
+    with caplog.at_level("WARNING", logger="retrieval.embed"):
+        stats = embed_shards(enc, str(shards), str(out), (32, 32), progress=False)
+    assert stats.shards_skipped == 0 and stats.shards_changed == 6 == stats.shards_written
+    assert "shard images-000000 changed since it was embedded" in caplog.text
+    after = Embeddings.open(str(out))
+    assert after.digest != old_digest and not np.allclose(after.all(), old_rows)
+    assert after.meta["shard_sha256"] == _manifest_sha256(shards)
+    # unchanged shards are still skipped on the next run
+    assert embed_shards(enc, str(shards), str(out), (32, 32), progress=False).shards_skipped == 6
+
+
+def test_another_encoder_into_the_same_folder_is_refused_naming_both(tile_shards, tmp_path):
+    a = {"path": "/encoders/init", "weights_sha256": "a" * 64}
+    b = {"path": "/encoders/trained", "weights_sha256": "b" * 64}
+    out = tmp_path / "emb"
+    embed_shards(tiny_encoder(), str(tile_shards), str(out), (32, 32), progress=False,
+                 encoder_id=a)
+    with pytest.raises(ValueError, match=r"holds embeddings of encoder /encoders/init "
+                                         r"\(weights aaaaaaaaaaaa\), not of /encoders/trained "
+                                         r"\(weights bbbbbbbbbbbb\)"):
+        embed_shards(tiny_encoder(1), str(tile_shards), str(out), (32, 32), progress=False,
+                     encoder_id=b)
+    # the same weights from another folder are the same encoder
+    stats = embed_shards(tiny_encoder(), str(tile_shards), str(out), (32, 32), progress=False,
+                         encoder_id={**a, "path": "/copies/init"})
+    assert stats.shards_skipped == 6
+
+
+def test_a_folder_embedded_before_provenance_was_recorded_opens_and_resumes(tile_shards,
+                                                                            tmp_path):
+    out = tmp_path / "emb"
+    embed_shards(tiny_encoder(), str(tile_shards), str(out), (32, 32), progress=False)
+    for p in out.glob("*.source.json"):           # what the old layout lacked
+        p.unlink()
+    for name in ("params.json", "embeddings.json"):
+        doc = json.loads((out / name).read_text())
+        for key in ("encoder", "shard_sha256", "digest"):
+            doc.pop(key, None)
+        (out / name).write_text(json.dumps(doc))
+    emb = Embeddings.open(str(out))
+    assert len(emb) == 24 and emb.encoder is None and len(emb.digest) == 64
+    stats = embed_shards(tiny_encoder(), str(tile_shards), str(out), (32, 32), progress=False)
+    assert stats.shards_skipped == 6 and stats.complete
+
+
+def _foreign_embeddings(root, meta: dict, rows_per_shard=(5, 3), dim: int = 8):
+    """An embeddings folder as another tool writes it: .npy + .jsonl + the given meta."""
+    from tests.retrieval.helpers import unit_rows
+
+    root.mkdir()
+    for i, n in enumerate(rows_per_shard):
+        np.save(root / f"part{i}.npy", unit_rows(n, dim, seed=i))
+        (root / f"part{i}.jsonl").write_text("".join(
+            json.dumps({"image": j}) + "\n" for j in range(n)))
+    (root / "embeddings.json").write_text(json.dumps(meta))
+    return root
+
+
+def test_embeddings_with_only_the_documented_fields_open_index_and_search(tmp_path):
+    from retrieval import build_index, search
+
+    meta = {"model": "other-tool", "dim": 8, "dtype": "float32", "rotations": [0],
+            "shards": ["part0", "part1"], "rows": 8}      # no shard_rows, digest, encoder
+    root = _foreign_embeddings(tmp_path / "emb", meta)
+    emb = Embeddings.open(str(root))
+    assert emb.meta["shard_rows"] == [5, 3] and len(emb) == 8 and emb.dim == 8
+    assert list(emb.keys[:2]) == ["part0:0", "part0:1"] and emb.keys[5] == "part1:0"
+    res = search(build_index(emb, None, "Flat", progress=False), emb.take([6]), 1)
+    assert res.ids[0, 0] == 6
+    # the command line too
+    proc = run_cli("index", "--embeddings", root, "--output", tmp_path / "idx", "--no-progress")
+    assert proc.returncode == 0, proc.stderr
+    # only "shards" is needed
+    minimal = _foreign_embeddings(tmp_path / "minimal", {"shards": ["part0", "part1"]})
+    emb = Embeddings.open(str(minimal))
+    assert (emb.dim, len(emb), emb.meta["dtype"], emb.rotations) == (8, 8, "float32", [0])
+
+
+@pytest.mark.parametrize("meta, message", [
+    ({"dim": 8, "rows": 8}, r"embeddings.json: no 'shards' \(the embedding shard names"),
+    ({"shards": ["part0", "part1"], "rows": 9}, r"embeddings.json: 'rows' is 9, the .npy "
+                                                r"files hold 8"),
+    ({"shards": ["part0", "part1"], "dim": 16}, r"embeddings.json: 'dim' is 16"),
+    ({"shards": ["part0", "part2"]}, r"embedding shard missing: .*part2.npy"),
+])
+def test_a_missing_or_wrong_field_of_embeddings_json_is_named_in_one_line(tmp_path, meta,
+                                                                           message):
+    root = _foreign_embeddings(tmp_path / "emb", meta)
+    with pytest.raises((ValueError, FileNotFoundError), match=message):
+        Embeddings.open(str(root))
+    proc = run_cli("index", "--embeddings", root, "--output", tmp_path / "idx", "--no-progress")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: ")
