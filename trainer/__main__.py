@@ -54,6 +54,27 @@ def _inspect_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _check_inspect_args(args: argparse.Namespace) -> None:
+    """Refuse out-of-range numbers instead of replacing or misreporting them."""
+    for flag, value, low in (("--world-size", args.world_size, 1), ("--epoch", args.epoch, 0),
+                             ("--image-size", args.image_size, 1), ("--steps", args.steps, 0)):
+        if value is not None and value < low:
+            raise ValueError(f"{flag} must be >= {low}, got {value}")
+    if not 0 <= args.rank < args.world_size:
+        raise ValueError(f"--rank {args.rank} must be in 0..{args.world_size - 1}")
+
+
+def _recipe_image_size(recipe: dict) -> tuple[int, int]:
+    """model.image_size of the recipe (default 224), checked like the model section does."""
+    from .models.config import image_hw
+
+    size = (recipe.get("model") or {}).get("image_size")
+    try:
+        return image_hw(224 if size is None else size)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"model.image_size: {exc}") from None
+
+
 def inspect_data(argv: Sequence[str]) -> int:
     from .config import apply_overrides, load_recipe
     from .data import DataConfig, NoUsableDataError, build_train_data, error_message
@@ -66,11 +87,8 @@ def inspect_data(argv: Sequence[str]) -> int:
         if args.shards:
             data["train_shards"] = args.shards
         cfg = DataConfig.from_dict(data)
-        size = args.image_size or (recipe.get("model") or {}).get("image_size") or 224
-        if args.world_size < 1 or not 0 <= args.rank < args.world_size:
-            raise ValueError(f"--rank {args.rank} must be in 0..{args.world_size - 1}")
-        if args.steps is not None and args.steps < 0:
-            raise ValueError("--steps must be >= 0")
+        _check_inspect_args(args)
+        size = args.image_size if args.image_size is not None else _recipe_image_size(recipe)
         td = build_train_data(cfg, size, args.rank, args.world_size,
                               num_workers=0 if args.loader == "inline" else None,
                               decode=not args.no_decode)

@@ -126,3 +126,18 @@ def test_real_two_process_ddp_sees_what_inspect_data_prints(places, capsys, tmp_
                             "--epoch", epoch, "data.places_per_batch=4", "data.images_per_place=3",
                             "data.workers=2", "data.seed=7", "--no-decode")
         assert got == want
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--image-size", "0"], "error: --image-size must be >= 1, got 0"),
+    (["--epoch", "-1"], "error: --epoch must be >= 0, got -1"),
+    (["--world-size", "0"], "error: --world-size must be >= 1, got 0"),
+    (["--steps", "-2"], "error: --steps must be >= 0, got -2"),
+    (["--rank", "-1"], "error: --rank -1 must be in 0..0"),
+    (["model.image_size=big"], "error: model.image_size: "),
+])
+def test_out_of_range_flags_are_refused_not_replaced(places, capsys, args, message):
+    assert main(["inspect-data", "--no-progress", "--shards", str(places), *args]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.startswith(message) and captured.err.count("\n") == 1
+    assert captured.out == ""

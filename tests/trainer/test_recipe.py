@@ -150,3 +150,21 @@ def test_yaml_merge_keys_may_still_be_overridden(tmp_path):
         "name": "ntxent", "temperature": 0.1}
     with pytest.raises(ConfigError, match="override 'loss.loss=.*': duplicate key 'name'"):
         Recipe.load(path, ["loss.loss={name: ntxent, name: fastap}"])
+
+
+@pytest.mark.parametrize("override, message", [
+    ("model.backbone=resnet19", "error: model.backbone: unknown backbone 'resnet19'"),
+    ("model.aggregator.p=abc", "error: model.aggregator.p must be float, got 'abc'"),
+    ("optim.betas=[2,3]", "error: optim.betas must be two numbers in [0, 1)"),
+])
+def test_check_refuses_what_a_run_would_refuse(tmp_path, capsys, override, message):
+    from trainer.train import main
+
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(full()))
+    assert main(["--config", str(path), "--check"]) == 0
+    capsys.readouterr()
+    assert main(["--config", str(path), "--check", override]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.startswith(message) and captured.err.count("\n") == 1
+    assert captured.out == ""
