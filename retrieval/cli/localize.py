@@ -89,7 +89,6 @@ def check_outputs(args) -> list[str]:
 def run(args) -> int:
     from shard_tools import storage
 
-    from ..embed import Embeddings
     from ..index import ShardedIndex
     from ..localize import encoder_mismatch, localize, map_image, to_geojson
 
@@ -101,7 +100,7 @@ def run(args) -> int:
     index = ShardedIndex.load(args.index)
     if not index.embeddings:
         raise CommandError(f"{args.index} names no source embeddings")
-    database = Embeddings.open(index.embeddings)
+    database = index.open_embeddings()       # checked against the digest the index records
     model, size, dim = load_model(args.model)
     mismatch = encoder_mismatch(database.meta, args.model)
     if mismatch:
