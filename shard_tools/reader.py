@@ -3,11 +3,15 @@
 This is the small API that ``trainer`` and ``retrieval`` build on. Samples are
 dicts ``{"__key__": key, "__shard__": url, "<ext>": bytes, ...}`` as in
 webdataset; a truncated or corrupt tar ends its shard early with a counted
-error instead of killing the reader.
+error instead of killing the reader. A tar cut inside a member header is such an
+error too (``tarfile`` alone reads it as a shorter, valid archive), and
+``check_shard_sizes`` compares the files with the manifest before a reader plans
+anything from its counts.
 """
 from __future__ import annotations
 
 import logging
+import posixpath
 import tarfile
 from dataclasses import dataclass
 from typing import Any, Iterable, Iterator, Mapping
@@ -41,6 +45,29 @@ def list_shards(dataset: str, storage_options: Mapping[str, Any] | None = None,
                       s["sha256"]) for s in manifest["shards"]]
 
 
+def check_shard_sizes(shards: Iterable[ShardInfo],
+                      storage_options: Mapping[str, Any] | None = None) -> None:
+    """Raise ``ValueError`` naming the first shard whose file is missing or is not the size
+    its manifest entry records: a cut or rewritten shard would otherwise hand out fewer
+    samples than the counts a reader plans from. One listing per folder, no reads."""
+    by_folder: dict[str, list[ShardInfo]] = {}
+    for shard in shards:
+        by_folder.setdefault(posixpath.dirname(shard.url), []).append(shard)
+    for folder, members in by_folder.items():
+        fs, path = storage.filesystem(folder, storage_options)
+        fs.invalidate_cache(path)
+        sizes = {p["name"].rsplit("/", 1)[-1]: p.get("size") for p in fs.ls(path, detail=True)}
+        for shard in members:
+            size = sizes.get(shard.url.rsplit("/", 1)[-1])
+            if size is None:
+                raise ValueError(f"{shard.url}: missing, but listed in the manifest (restore it "
+                                 "or re-run shard_tools convert)")
+            if int(size) != shard.bytes:
+                raise ValueError(f"{shard.url}: {int(size)} bytes, the manifest says {shard.bytes} "
+                                 "(cut short or rewritten: python -m shard_tools verify, then "
+                                 "re-run convert)")
+
+
 def open_shard(url: str, storage_options: Mapping[str, Any] | None = None):
     """A binary stream of one shard (local path or any fsspec URL)."""
     return storage.open_read(url, storage_options)
@@ -66,11 +93,29 @@ class ReadErrors:
         log.warning("shard read error (%d so far): %s", self.count, self.last)
 
 
+class _EndCheckingTarInfo(tarfile.TarInfo):
+    """Records on the archive why reading stopped when it was not the end-of-archive
+    marker: ``tarfile`` ends quietly at a truncated, empty or invalid header after the
+    first member, which would drop the rest of a shard without a word."""
+
+    @classmethod
+    def fromtarfile(cls, tar: tarfile.TarFile) -> tarfile.TarInfo:
+        try:
+            return super().fromtarfile(tar)
+        except (tarfile.TruncatedHeaderError, tarfile.EmptyHeaderError,
+                tarfile.InvalidHeaderError) as exc:
+            what = "no end-of-archive marker" if isinstance(exc, tarfile.EmptyHeaderError) else exc
+            tar.broken_end = f"tar ends early at byte {tar.offset} ({what})"
+            raise
+
+
 def iter_tar_samples(fileobj, url: str = "") -> Iterator[dict]:
     """Group a tar stream's members into samples by key (webdataset's convention:
-    the key is the file name up to its first dot). Errors propagate."""
+    the key is the file name up to its first dot). Errors propagate, a tar cut or
+    corrupted at a member header included (``tarfile.ReadError``); the sample being
+    assembled then is dropped, as it may be partial."""
     current: dict | None = None
-    with tarfile.open(fileobj=fileobj, mode="r|") as tar:
+    with tarfile.open(fileobj=fileobj, mode="r|", tarinfo=_EndCheckingTarInfo) as tar:
         for member in tar:
             if not member.isfile():
                 continue
@@ -82,27 +127,41 @@ def iter_tar_samples(fileobj, url: str = "") -> Iterator[dict]:
             if current is None:
                 current = {"__key__": key, "__shard__": url}
             current[ext] = data
+        broken = getattr(tar, "broken_end", None)
+    if broken:
+        raise tarfile.ReadError(broken)
     if current is not None:
         yield current
 
 
 def iter_samples(url: str, storage_options: Mapping[str, Any] | None = None,
-                 errors: ReadErrors | None = None) -> Iterator[dict]:
+                 errors: ReadErrors | None = None, expected: int | None = None) -> Iterator[dict]:
     """Samples of one shard, in order. A broken tail is skipped and counted in ``errors``
-    (the sample being assembled when the tar broke may be partial, so it is dropped)."""
+    (the sample being assembled when the tar broke may be partial, so it is dropped).
+    With ``expected`` (the manifest's count), a shard that ends cleanly with fewer
+    samples is an error too."""
+    done = 0
     try:
         with open_shard(url, storage_options) as f:
-            yield from iter_tar_samples(f, url)
+            for sample in iter_tar_samples(f, url):
+                done += 1
+                yield sample
+        if expected is not None and done < expected:
+            raise tarfile.ReadError(shortfall_message(done, expected))
     except (tarfile.TarError, EOFError, OSError) as exc:
         if errors is None:
             raise
         errors.add(url, exc)
 
 
+def shortfall_message(got: int, expected: int) -> str:
+    return f"the shard ended after {got} of the {expected} samples its manifest entry counts"
+
+
 def iter_dataset(dataset: str, storage_options: Mapping[str, Any] | None = None,
                  errors: ReadErrors | None = None) -> Iterator[dict]:
     for shard in list_shards(dataset, storage_options):
-        yield from iter_samples(shard.url, storage_options, errors)
+        yield from iter_samples(shard.url, storage_options, errors, shard.samples)
 
 
 def member_images(sample: Mapping[str, Any]) -> tuple[list[bytes], list[bytes]]:

@@ -2,7 +2,9 @@
 
 The flow of one epoch, the same on every rank without communication:
 
-1. the manifest gives every shard's place count;
+1. the manifest gives every shard's place count, trusted only for files of the size it
+   records (a cut or rewritten shard is refused before planning); a shard that still
+   yields fewer places than its entry counts is a counted shard error;
 2. the shard list is shuffled by (seed, epoch), then stably sorted by size, so
    that equal-size shards land anywhere but every (rank, stream) slot receives
    the same number of places in every epoch;
@@ -361,8 +363,8 @@ class _Stream:
         self._usable = 0
 
     # -- shards -> samples
-    def _shard_urls(self) -> Iterator[tuple[str | None, bool]]:
-        """(url, repeated) forever: the slot's shards pass after pass (or resampled);
+    def _shard_urls(self) -> Iterator[tuple[reader.ShardInfo | None, bool]]:
+        """(shard, repeated) forever: the slot's shards pass after pass (or resampled);
         ``(None, ...)`` marks the end of a pass."""
         cfg, r, w = self.cfg, self.o.rank, self.stream
         if self.plan.resample:
@@ -371,26 +373,29 @@ class _Stream:
             while True:
                 before = self._usable
                 for _ in range(len(shards)):
-                    yield shards[int(rng.integers(len(shards)))].url, False
+                    yield shards[int(rng.integers(len(shards)))], False
                 if self._usable == before:
                     return          # a whole round gave nothing usable: stop, do not spin
         mine = self.plan.slots[r][w]
-        yield from ((s.url, False) for s in mine)
+        yield from ((s, False) for s in mine)
         yield None, False
         for again in itertools.count(1):
             if self._usable == 0:
                 return
             perm = _rng(cfg.seed, self.epoch, r, w, 31, again).permutation(len(mine))
-            yield from ((mine[i].url, True) for i in perm)
+            yield from ((mine[i], True) for i in perm)
             yield None, True
 
-    def _samples(self, urls: Iterator[tuple[str, bool]]) -> Iterator[tuple[dict, bool]]:
-        """Tar expansion with retries for remote shards; a broken shard ends early, counted."""
+    def _samples(self, shards: Iterator[tuple[reader.ShardInfo | None, bool]]
+                 ) -> Iterator[tuple[dict | None, bool]]:
+        """Tar expansion with retries for remote shards; a broken shard ends early, counted,
+        and so does one that ends cleanly with fewer samples than its manifest entry."""
         opts = self.cfg.storage_options
-        for url, repeated in urls:
-            if url is None:
+        for shard, repeated in shards:
+            if shard is None:
                 yield None, repeated
                 continue
+            url = shard.url
             attempts = 1 + (self.cfg.read_retries if storage.is_remote(url) else 0)
             done = 0
             for attempt in range(attempts):
@@ -400,6 +405,8 @@ class _Stream:
                             if i >= done:
                                 done += 1
                                 yield sample, repeated
+                    if done < shard.samples:
+                        raise tarfile.ReadError(reader.shortfall_message(done, shard.samples))
                     break
                 except (tarfile.TarError, EOFError, OSError, ValueError) as exc:
                     if attempt + 1 < attempts:
@@ -705,6 +712,8 @@ class TrainData:
         storage.register_webdataset_schemes(cfg.storage_options or None)
         self.shards = reader.list_shards(cfg.train_shards, cfg.storage_options or None, "places",
                                          "training")
+        # steps are planned from the manifest's counts: only files of the recorded size
+        reader.check_shard_sizes(self.shards, cfg.storage_options or None)
         plan = plan_epoch(self.shards, cfg, world_size, 0)
         if plan.resample and not cfg.resample:
             log.warning("%d shards for %d ranks x %d streams: resampling shards (places may "

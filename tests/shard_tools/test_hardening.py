@@ -535,3 +535,58 @@ def test_known_limit_a_cut_jpeg_with_a_new_end_marker_passes_both_checks():
     cut = whole[: len(whole) // 2] + b"\xff\xd9"
     assert check_jpeg(cut) == (64, 64)
     assert decode_jpeg(cut).size == (64, 64)
+
+
+# ---------------------------------------------------------------- a tar cut at a member header
+
+def _header_offset(tar: Path, member: int) -> int:
+    with tarfile.open(tar) as t:
+        return t.getmembers()[member].offset
+
+
+@pytest.mark.parametrize("damage, needle", [
+    (lambda data, at: data[: at + 100], "truncated header"),
+    (lambda data, at: data[:at], "no end-of-archive marker"),
+    (lambda data, at: data[:at] + b"\x07" * 512 + data[at + 512:], "invalid header"),
+])
+def test_a_tar_broken_at_a_member_header_is_a_read_error_not_a_shorter_tar(converted, damage,
+                                                                           needle):
+    from shard_tools.reader import ReadErrors, iter_samples
+
+    shard = converted / "images-000000.tar"
+    whole = list(iter_samples(str(shard)))
+    at = _header_offset(shard, 4)                 # the 3rd sample's first member
+    shard.write_bytes(damage(shard.read_bytes(), at))
+    errors = ReadErrors()
+    got = list(iter_samples(str(shard), errors=errors))
+    assert errors.count == 1 and f"tar ends early at byte {at} ({needle})" in errors.last
+    assert [s["__key__"] for s in got] == [s["__key__"] for s in whole[:1]]   # 2nd may be partial
+    with pytest.raises(tarfile.ReadError, match="tar ends early"):
+        list(iter_samples(str(shard)))
+
+
+def test_a_shard_with_fewer_samples_than_its_manifest_entry_is_a_read_error(converted):
+    from shard_tools.reader import ReadErrors, iter_dataset, list_shards
+
+    first = list_shards(str(converted))[0]
+    doc = manifest(converted)
+    doc["shards"][0]["samples"] += 2
+    (converted / "manifest.json").write_text(json.dumps(doc))
+    errors = ReadErrors()
+    got = list(iter_dataset(str(converted), errors=errors))
+    assert errors.count == 1 and errors.last.startswith(first.url)
+    assert f"ended after {first.samples} of the {first.samples + 2} samples" in errors.last
+    assert len(got) == doc["totals"]["samples"]              # nothing else lost
+
+
+def test_shard_sizes_are_checked_against_the_manifest_in_one_listing(converted):
+    from shard_tools.reader import check_shard_sizes, list_shards
+
+    shards = list_shards(str(converted))
+    check_shard_sizes(shards)
+    victim = converted / "images-000001.tar"
+    victim.write_bytes(victim.read_bytes()[:-1024])
+    with pytest.raises(ValueError) as err:
+        check_shard_sizes(shards)
+    assert str(err.value).startswith(f"{victim}: {victim.stat().st_size} bytes, the manifest "
+                                     f"says {shards[1].bytes}")

@@ -279,6 +279,20 @@ def _rewrite(tar_path: Path, edit) -> None:
     tar_path.write_bytes(buf.getvalue())
 
 
+def _edit_manifest(shards: Path, edit) -> None:
+    """Apply ``edit(entry, tar path)`` to every shard entry of the manifest."""
+    path = shards / "manifest.json"
+    doc = json.loads(path.read_text())
+    for entry in doc["shards"]:
+        edit(entry, shards / entry["name"])
+    path.write_text(json.dumps(doc))
+
+
+def _record_sizes(shards: Path) -> None:
+    """A manifest that records the files' present sizes: damage it cannot see by size."""
+    _edit_manifest(shards, lambda entry, tar: entry.update(bytes=tar.stat().st_size))
+
+
 def test_corrupt_and_truncated_data_are_skipped_and_counted(tmp_path, caplog):
     shards = make_place_shards(tmp_path, TILES48, 6)
     tars = sorted(shards.glob("*.tar"))
@@ -296,6 +310,7 @@ def test_corrupt_and_truncated_data_are_skipped_and_counted(tmp_path, caplog):
     _rewrite(tars[0], corrupt)
     size = tars[1].stat().st_size
     tars[1].write_bytes(tars[1].read_bytes()[: size // 2])          # truncated tar
+    _record_sizes(shards)     # else refused before reading (see the size test below)
     c = cfg(shards, min_images_per_place=3)
     totals = collections.Counter()
     used = []
@@ -333,3 +348,48 @@ def test_config_errors():
         DataConfig(augment="earthlok")
     with pytest.raises(ValueError, match="train_shards"):
         build_train_data({}, 32)
+
+
+def _cut_in_a_member_header(tar: Path) -> None:
+    """Cut ``tar`` 100 bytes into the header of its 9th member (3rd place, 3rd member)."""
+    with tarfile.open(tar) as t:
+        offset = t.getmembers()[8].offset
+    tar.write_bytes(tar.read_bytes()[: offset + 100])
+
+
+def test_a_shard_of_another_size_than_its_manifest_entry_is_refused(tmp_path):
+    shards = make_place_shards(tmp_path, TILES48[:12], 6, years=(2020, 2021))
+    tar = sorted(shards.glob("*.tar"))[1]
+    _cut_in_a_member_header(tar)
+    with pytest.raises(ValueError) as err:
+        build_train_data(cfg(shards, images_per_place=2, workers=1), 32, 0, 1, num_workers=0)
+    assert str(err.value).startswith(f"{tar}: {tar.stat().st_size} bytes, the manifest says ")
+    tar.unlink()
+    with pytest.raises(ValueError, match=f"{tar}: missing, but listed in the manifest"):
+        build_train_data(cfg(shards, images_per_place=2, workers=1), 32, 0, 1, num_workers=0)
+
+
+def _count_epoch(shards: Path, caplog) -> tuple[collections.Counter, list[str]]:
+    td = build_train_data(cfg(shards, images_per_place=2, workers=1, places_per_batch=2), 32, 0, 1,
+                          num_workers=0, decode=False)
+    with caplog.at_level(logging.WARNING, logger="trainer.data"):
+        keys = [k for b in td.batches(0) for k in b.place_keys]
+    return collections.Counter(td.counters()), keys
+
+
+def test_a_shard_cut_inside_a_member_header_is_a_counted_shard_error(tmp_path, caplog):
+    shards = make_place_shards(tmp_path, TILES48[:12], 6, years=(2020, 2021))
+    _cut_in_a_member_header(sorted(shards.glob("*.tar"))[1])
+    _record_sizes(shards)            # the size check cannot see it: the stream must
+    counts, _ = _count_epoch(shards, caplog)
+    assert counts["shard_errors"] == 1 and counts["repeated"] > 0
+    assert any("tar ends early at byte" in r.getMessage() for r in caplog.records)
+
+
+def test_a_manifest_that_overstates_a_shards_places_is_a_counted_shard_error(tmp_path, caplog):
+    shards = make_place_shards(tmp_path, TILES48[:12], 6, years=(2020, 2021))
+    _edit_manifest(shards, lambda entry, tar: entry.update(samples=entry["samples"] + 3))
+    counts, keys = _count_epoch(shards, caplog)
+    assert counts["shard_errors"] == 2 and counts["repeated"] > 0
+    assert len(set(keys)) == 12
+    assert any("ended after 6 of the 9 samples" in r.getMessage() for r in caplog.records)

@@ -14,9 +14,6 @@ pytestmark = pytest.mark.s3
 TILES = [f"08_{r:04d}_{c:04d}" for r in range(100, 108, 2) for c in range(60, 72, 2)]   # 24
 
 
-
-
-
 def test_stream_from_s3_equals_local_and_a_missing_shard_is_counted(s3_server, monkeypatch,
                                                                     tmp_path):
     for k, v in {"AWS_ENDPOINT_URL": s3_server, "AWS_ACCESS_KEY_ID": "testing",
@@ -45,9 +42,12 @@ def test_stream_from_s3_equals_local_and_a_missing_shard_is_counted(s3_server, m
     assert [b.summary() for b in got] == want and len(want) == td.steps_per_epoch == 4
     assert got[0].images.shape == (9, 3, 32, 32)
 
-    # a shard that cannot be opened (after retries) is skipped and counted, never a hang
-    fs.rm("streamloc-data/places/places-000001.tar")
+    # a shard that goes missing during the run (after retries) is skipped and counted, never
+    # a hang; one missing before the run is refused, naming it
     td = build_train_data({**cfg, "train_shards": url}, 32, 0, 1, num_workers=0, decode=False)
+    fs.rm("streamloc-data/places/places-000001.tar")
     batches = list(td.batches(0))
     assert len(batches) == td.steps_per_epoch
     assert td.counters()["shard_errors"] == 1 and td.counters()["repeated"] > 0
+    with pytest.raises(ValueError, match="places-000001.tar: missing, but listed in the manifest"):
+        build_train_data({**cfg, "train_shards": url}, 32, 0, 1, num_workers=0)
