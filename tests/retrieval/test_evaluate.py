@@ -98,3 +98,121 @@ def test_dimension_mismatch_is_an_error(tmp_path):
     with pytest.raises(ValueError, match="dimension mismatch"):
         evaluate(Embeddings.from_arrays(unit_rows(5, 8)), Embeddings.from_arrays(unit_rows(2, 4)),
                  "vpr")
+
+
+def _embed_with(encoder_path, seed: int, shards, out, rotations=(0,)) -> str:
+    """Embed ``shards`` as ``embed`` does for the saved encoder at ``encoder_path``."""
+    from retrieval import embed_shards
+    from retrieval.provenance import encoder_identity
+    from trainer.models import load_encoder
+
+    model, size, _ = load_encoder(encoder_path)
+    embed_shards(model, str(shards), str(out), size, rotations, progress=False,
+                 model_name=str(encoder_path), encoder_id=encoder_identity(encoder_path))
+    return str(out)
+
+
+@pytest.fixture(scope="module")
+def two_encoders(tmp_path_factory):
+    from trainer.models import save_encoder
+    from tests.retrieval.helpers import tiny_encoder
+
+    root = tmp_path_factory.mktemp("encoders")
+    for name, seed in (("init", 0), ("trained", 1)):
+        save_encoder(tiny_encoder(seed), root / name)
+    return root / "init", root / "trained"
+
+
+def test_database_and_queries_of_two_encoders_are_refused_naming_both(tile_shards, two_encoders,
+                                                                      tmp_path):
+    from retrieval.provenance import file_sha256
+
+    init, trained = two_encoders
+    db = _embed_with(init, 0, tile_shards, tmp_path / "db")
+    q = _embed_with(trained, 1, tile_shards, tmp_path / "q")
+    args = ["evaluate", "--database-embeddings", db, "--query-embeddings", q, "--regions", "all",
+            "--k", "1,5"]
+    proc = run_cli(*args)
+    last = proc.stderr.strip().splitlines()[-1]
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert last.startswith("error: the database and the query embeddings come from different "
+                           "encoders")
+    for enc in (init, trained):
+        assert f"{enc} (weights {file_sha256(enc / 'model.safetensors')[:12]})" in last
+    with pytest.raises(ValueError, match="different encoders"):
+        evaluate(db, q, "apl", None, (1,))
+    # explicitly overridden: scored
+    proc = run_cli(*args, "--allow-mixed-encoders")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    # one encoder: scored without the flag, and the report says what it was computed from
+    q_same = _embed_with(init, 0, tile_shards, tmp_path / "q-same")
+    proc = run_cli("evaluate", "--database-embeddings", db, "--query-embeddings", q_same,
+                   "--regions", "all", "--k", "1,5", "--output", tmp_path / "r.json")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["database_encoder"]["weights_sha256"] == \
+        report["query_encoder"]["weights_sha256"] == file_sha256(init / "model.safetensors")
+    assert report["database_digest"] == Embeddings.open(db).digest
+
+
+def test_evaluate_re_embeds_database_shards_re_converted_since_cached(tile_shards, encoder_dir,
+                                                                      tmp_path):
+    from tests.retrieval.helpers import copy_shards, reconvert_with_other_images
+
+    shards = copy_shards(tile_shards, tmp_path / "db")
+    args = ["evaluate", "--model", encoder_dir, "--database", shards, "--queries", tile_shards,
+            "--regions", "all", "--rotations", "0", "--k", "1,5", "--output",
+            tmp_path / "r.json", "--no-progress"]
+    assert run_cli(*args).returncode == 0
+    first = json.loads((tmp_path / "r.json").read_text())
+    reconvert_with_other_images(shards)              # same shard names and count
+    proc = run_cli(*args)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "shard images-000000 changed since it was embedded" in proc.stderr
+    second = json.loads((tmp_path / "r.json").read_text())
+    assert second["database_embeddings"] == first["database_embeddings"]   # the same cache
+    assert second["database_digest"] != first["database_digest"]
+    assert second["query_digest"] == first["query_digest"]
+
+
+def test_without_output_the_cache_is_the_user_cache_folder_and_said(tiny_vpr, encoder_dir,
+                                                                    tmp_path):
+    from conftest import run_env
+
+    env = run_env() | {"XDG_CACHE_HOME": str(tmp_path / "xdg")}
+    work = tmp_path / "work"
+    work.mkdir()
+    proc = run_cli("evaluate", "--model", encoder_dir, "--database", tiny_vpr["database"],
+                   "--queries", tiny_vpr["queries"], "--protocol", "vpr", "--k", "1",
+                   "--no-progress", env=env, cwd=work)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert list(work.iterdir()) == []                # nothing in the current folder
+    cache = tmp_path / "xdg" / "streamloc" / "embeddings"
+    assert len(list(cache.glob("*/*/embeddings.json"))) == 2
+    assert f"embedding cache: {cache}" in proc.stderr
+
+
+def test_a_protocol_whose_field_the_records_lack_is_refused_before_embedding(tile_shards,
+                                                                             encoder_dir,
+                                                                             tmp_path):
+    proc = run_cli("evaluate", "--model", encoder_dir, "--database", tile_shards, "--queries",
+                   tile_shards, "--protocol", "vpr", "--cache", tmp_path / "cache",
+                   "--no-progress")
+    last = proc.stderr.strip().splitlines()[-1]
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert last.startswith(f"error: protocol vpr needs a 'utm' in each record, and the first "
+                           f"record of --database {tile_shards}")
+    assert not (tmp_path / "cache").exists()         # refused before any image was embedded
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--year", "abc"], "error: --year must be a year such as 2021, or 'any', got 'abc'"),
+    (["--year", "2019", "--regions", "all"], "error: --year 2019 selects the tiles of apl "
+                                             "regions; the whole set"),
+    (["--year", "2019", "--protocol", "vpr"], "error: --year 2019 selects the tiles of apl"),
+])
+def test_a_year_that_cannot_apply_is_one_line(tmp_path, flags, message):
+    proc = run_cli("evaluate", "--database-embeddings", tmp_path / "db", "--query-embeddings",
+                   tmp_path / "q", *flags)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith(message)
