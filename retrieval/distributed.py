@@ -106,10 +106,11 @@ def checked_together() -> Iterator[None]:
 
 
 def leave_after_failure(exc: BaseException) -> None:
-    """Destroy the group after a failure every rank knows of (``checked_together``): no
-    barrier is needed, and a live gloo group can abort the interpreter at exit."""
+    """Leave the group after a failure every rank knows of (``checked_together``): all of
+    them are here, so the barrier cannot hang, and the ranks exit together (a launcher
+    kills the ranks still running when one exits); a live gloo group can abort at exit."""
     if (isinstance(exc, PeerFailed) or getattr(exc, "all_ranks_know", False)) and in_group():
-        dist.destroy_process_group()
+        leave_process_group()
 
 
 def array_task(task_index: int | None = None, num_tasks: int | None = None) -> tuple[int, int]:

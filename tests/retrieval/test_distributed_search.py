@@ -1,4 +1,5 @@
-"""2-rank search under a real ``accelerate launch`` on the CPU equals 1-rank search."""
+"""2-rank search under a real ``accelerate launch`` on the CPU equals 1-rank search; a bad
+input on one rank is that rank's one error line, and the other rank stops without one."""
 from __future__ import annotations
 
 import json
@@ -21,6 +22,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def launch_search(tmp_path, idx, qemb, out, *more) -> subprocess.CompletedProcess:
+    env = dict(run_env(), ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1")
+    return subprocess.run(
+        [str(Path(PYTHON).parent / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
+         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+         "--main_process_port", str(free_port()), "-m", "retrieval", "search", "--index",
+         str(idx), "--queries", str(qemb), "--output", str(out), "--no-progress", *more],
+        capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
+
+
 @pytest.mark.slow
 def test_two_ranks_equal_one_rank(tmp_path):
     n_img, rots = 300, (0, 90, 180, 270)
@@ -33,13 +44,7 @@ def test_two_ranks_equal_one_rank(tmp_path):
     idx = tmp_path / "idx"
     build_index(str(emb), str(idx), "Flat", num_shards=3, progress=False)
     out = tmp_path / "two.jsonl"
-    env = dict(run_env(), ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1")
-    proc = subprocess.run(
-        [str(Path(PYTHON).parent / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-         "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
-         str(free_port()), "-m", "retrieval", "search", "--index", str(idx), "--queries",
-         str(qemb), "-k", "7", "--dedupe", "--output", str(out), "--no-progress"],
-        capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
+    proc = launch_search(tmp_path, idx, qemb, out, "-k", "7", "--dedupe")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "2 ranks" in proc.stdout
     lines = [json.loads(ln) for ln in out.read_text().splitlines()]
@@ -53,3 +58,20 @@ def test_two_ranks_equal_one_rank(tmp_path):
         assert len(set(ln["keys"])) == 7 == len(ln["keys"])
         assert ln["keys"] == [f"tile{i // 4}" for i in ln["ids"]]
     assert lines[0]["query"] == "k0" and lines[0]["rotation"] == 0
+
+
+@pytest.mark.slow
+def test_a_bad_shard_on_one_rank_is_one_error_line_and_both_ranks_stop(tmp_path):
+    emb = write_embeddings(tmp_path / "db", unit_rows(60, 8, 1), 20)
+    qemb = write_embeddings(tmp_path / "q", unit_rows(4, 8, 2), 4)
+    idx = tmp_path / "idx"
+    build_index(str(emb), str(idx), "Flat", num_shards=2, progress=False)
+    shard = idx / "shard-001.index"          # rank 1's shard
+    shard.write_bytes(shard.read_bytes()[:-16])
+    proc = launch_search(tmp_path, idx, qemb, tmp_path / "r.jsonl", "-k", "3")
+    assert proc.returncode != 0
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith(f"error: {shard}: "), proc.stderr[-3000:]
+    ours = [ln for ln in proc.stderr.splitlines() if "retrieval" in ln and "File " in ln]
+    assert not ours and "gloo" not in proc.stderr.lower(), proc.stderr[-3000:]
+    assert not (tmp_path / "r.jsonl").exists()
