@@ -143,3 +143,16 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP OverSubscrib
         """Submit and wait (``--wait``): returns when every task has ended."""
         return subprocess.run(["sbatch", "--wait", *args], env={**self.env, **(env or {})},
                               cwd=cwd, capture_output=True, text=True, timeout=timeout)
+
+
+def job_state(cluster: SlurmCluster, job: str) -> dict[str, str]:
+    """``scontrol show job``'s ``Key=Value`` fields (JobState, Restarts, ExitCode...)."""
+    out = subprocess.run(["scontrol", "show", "job", "-o", job], env=cluster.env,
+                         capture_output=True, text=True, timeout=30).stdout
+    return dict(f.split("=", 1) for f in out.split() if "=" in f)
+
+
+def signal_batch_shell(cluster: SlurmCluster, job: str, sig: str) -> None:
+    """What ``--signal=B:SIG@...`` does before the time limit: signal the batch shell only."""
+    subprocess.run(["scancel", "--batch", f"--signal={sig}", job], env=cluster.env,
+                   check=True, capture_output=True, timeout=30)

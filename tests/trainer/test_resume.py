@@ -272,7 +272,8 @@ def test_a_signal_stops_at_an_update_with_a_checkpoint_and_one_line(tiny_data, t
     assert not (run / "final").exists() and not (run / ".train-lock.json").exists()
     # it goes on from there
     resumed = subprocess.run([PYTHON, "-m", "trainer", "--config", str(cfg), "--no-progress",
-                              "--resume", "latest", f"train.max_steps={step + 1}"], cwd=REPO,
+                              "--resume", "latest", "data.workers=1", f"train.max_steps={step + 1}"],
+                             cwd=REPO,
                              env=_env(), capture_output=True, text=True, timeout=240)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert f"update {step}" in resumed.stderr
