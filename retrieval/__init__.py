@@ -16,6 +16,9 @@ Python API (what the trainer's validation and the demo call)::
                    rank=rank, world_size=world_size, resume=False)
     # (barrier; then on one rank, or on every rank)
     R.finalize_embeddings("work/emb/db"); R.finalize_embeddings("work/emb/q")
+    # pass encoder_id=retrieval.provenance.encoder_identity(folder) for a saved encoder:
+    # it is recorded, and a folder made by other weights is refused; a shard whose manifest
+    # sha256 changed since it was embedded is embedded again
 
     # 2. recall@K end to end (per-region index, ground truth, dedupe of rotations)
     report = R.evaluate("work/emb/db", "work/emb/q", protocol="apl",
@@ -30,6 +33,7 @@ Python API (what the trainer's validation and the demo call)::
     res = R.search(index, query_vectors, k=100, nprobe=32)  # SearchResult(scores, ids)
     res = R.dedupe(R.search(index, q, k=100 * 4), db.image_of_row, k=100)
     R.recall_at_k(image_ids, positives, ks=(1, 5, 10))      # RecallResult
+    R.check_same_encoder(db.encoder, queries.encoder)      # ValueError for two encoders
 
     # under torch.distributed: ranks load different index shards, results merged
     index = R.ShardedIndex.load("work/idx", shards=range(rank, num_shards, world_size))
@@ -40,8 +44,8 @@ maps a row to its database image (rotations of a tile share it). Scores are
 inner products of unit vectors: larger is better.
 """
 from .distributed import array_task, init_process_group_from_env, rank_and_world, worker_part
-from .embed import (EmbedStats, Embeddings, embed_shard, embed_shards, finalize_embeddings,
-                    resolve_shards, shard_name)
+from .embed import (EmbedStats, Embeddings, check_same_encoder, embed_shard, embed_shards,
+                    finalize_embeddings, resolve_shards, shard_name)
 from .evaluate import EvalReport, RegionResult, evaluate, positives_for
 from .images import IMAGENET_MEAN, IMAGENET_STD, load_views
 from .index import ShardedIndex, build_index, merge_ondisk
@@ -50,7 +54,7 @@ from .search import SearchResult, dedupe, merge_topk, search, search_distributed
 
 __all__ = [
     "embed_shards", "embed_shard", "finalize_embeddings", "Embeddings", "EmbedStats",
-    "resolve_shards", "shard_name",
+    "resolve_shards", "shard_name", "check_same_encoder",
     "build_index", "ShardedIndex", "merge_ondisk",
     "search", "search_distributed", "merge_topk", "dedupe", "SearchResult",
     "recall_at_k", "RecallResult",

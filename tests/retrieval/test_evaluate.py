@@ -100,7 +100,7 @@ def test_dimension_mismatch_is_an_error(tmp_path):
                  "vpr")
 
 
-def _embed_with(encoder_path, seed: int, shards, out, rotations=(0,)) -> str:
+def _embed_with(encoder_path, shards, out, rotations=(0,)) -> str:
     """Embed ``shards`` as ``embed`` does for the saved encoder at ``encoder_path``."""
     from retrieval import embed_shards
     from retrieval.provenance import encoder_identity
@@ -128,8 +128,8 @@ def test_database_and_queries_of_two_encoders_are_refused_naming_both(tile_shard
     from retrieval.provenance import file_sha256
 
     init, trained = two_encoders
-    db = _embed_with(init, 0, tile_shards, tmp_path / "db")
-    q = _embed_with(trained, 1, tile_shards, tmp_path / "q")
+    db = _embed_with(init, tile_shards, tmp_path / "db")
+    q = _embed_with(trained, tile_shards, tmp_path / "q")
     args = ["evaluate", "--database-embeddings", db, "--query-embeddings", q, "--regions", "all",
             "--k", "1,5"]
     proc = run_cli(*args)
@@ -145,7 +145,7 @@ def test_database_and_queries_of_two_encoders_are_refused_naming_both(tile_shard
     proc = run_cli(*args, "--allow-mixed-encoders")
     assert proc.returncode == 0, proc.stderr[-2000:]
     # one encoder: scored without the flag, and the report says what it was computed from
-    q_same = _embed_with(init, 0, tile_shards, tmp_path / "q-same")
+    q_same = _embed_with(init, tile_shards, tmp_path / "q-same")
     proc = run_cli("evaluate", "--database-embeddings", db, "--query-embeddings", q_same,
                    "--regions", "all", "--k", "1,5", "--output", tmp_path / "r.json")
     assert proc.returncode == 0, proc.stderr[-2000:]
