@@ -153,12 +153,14 @@ def positives_for(protocol: str, db_records: Sequence[Mapping[str, Any]],
 def evaluate_subset(db: Embeddings, db_images: np.ndarray, q_vectors: np.ndarray,
                     positives: Sequence[np.ndarray], ks: Sequence[int], factory: str = "Flat",
                     nprobe: int | None = None, with_dedupe: bool = True,
-                    ef_search: int | None = None, k_factor: float | None = None
+                    ef_search: int | None = None, k_factor: float | None = None,
+                    warn: bool = True
                     ) -> tuple[dict[int, float], dict[int, float] | None, int, int]:
     """Recall of queries against the rows of the given database images.
 
     ``positives`` index into ``db_images``. Returns (recall, recall with dedupe or
-    None, queries kept, queries dropped).
+    None, queries kept, queries dropped). ``warn=False`` keeps quiet about search knobs
+    the index has no use for (said once per evaluation, not once per region).
     """
     img_of_row = db.image_of_row
     rows = np.flatnonzero(np.isin(img_of_row, db_images))
@@ -168,13 +170,13 @@ def evaluate_subset(db: Embeddings, db_images: np.ndarray, q_vectors: np.ndarray
     index = build_index(Embeddings.from_arrays(db.take(rows)), None, factory, progress=False)
     kmax = max(ks)
     params = dict(nprobe=nprobe, ef_search=ef_search, k_factor=k_factor)
-    res = search(index, q_vectors, min(kmax, len(rows)), **params)
+    res = search(index, q_vectors, min(kmax, len(rows)), warn=warn, **params)
     ids = np.where(res.ids >= 0, local_image[np.maximum(res.ids, 0)], -1)
     plain = recall_at_k(ids, positives, ks)
     dd = None
     n_rot = int(np.bincount(local_image).max()) if len(local_image) else 1
     if with_dedupe and n_rot > 1:
-        wide = search(index, q_vectors, min(kmax * n_rot, len(rows)), **params)
+        wide = search(index, q_vectors, min(kmax * n_rot, len(rows)), warn=False, **params)
         best = dedupe(wide, local_image, kmax)
         dd_ids = np.where(best.ids >= 0, local_image[np.maximum(best.ids, 0)], -1)
         dd = recall_at_k(dd_ids, positives, ks).recall
@@ -225,12 +227,12 @@ def evaluate(database: "Embeddings | str", queries: "Embeddings | str", protocol
             sets.append((region.name, np.flatnonzero(d_mask), np.flatnonzero(q_mask)))
     else:
         sets = [("all", np.arange(len(db_records)), np.arange(len(q_records)))]
-    for name, d_idx, q_idx in sets:
+    for n_set, (name, d_idx, q_idx) in enumerate(sets):
         pos = positives_for(protocol, [db_records[i] for i in d_idx],
                             [q_records[i] for i in q_idx], radius_m)
         rec, rec_dd, kept, dropped = evaluate_subset(db, d_idx, q_vectors[q_idx], pos, ks,
                                                      factory, nprobe, ef_search=ef_search,
-                                                     k_factor=k_factor)
+                                                     k_factor=k_factor, warn=n_set == 0)
         if kept == 0:
             log.warning("region %s: none of its %d queries has a positive", name, len(q_idx))
         n_rows = int(np.isin(db.image_of_row, d_idx).sum())

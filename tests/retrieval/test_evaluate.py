@@ -216,3 +216,28 @@ def test_a_year_that_cannot_apply_is_one_line(tmp_path, flags, message):
                    tmp_path / "q", *flags)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith(message)
+
+
+def _square(lat: float, lon: float, half: float = 0.5) -> list[list[float]]:
+    return [[lat - half, lon - half], [lat + half, lon - half], [lat + half, lon + half],
+            [lat - half, lon + half]]
+
+
+def test_a_search_knob_the_index_lacks_is_said_once_not_once_per_region(caplog):
+    from tests.retrieval.helpers import unit_rows
+
+    centres = [(0.0, 0.0), (0.0, 60.0)]           # two regions far apart
+    db_recs, q_recs = [], []
+    for r, (lat, lon) in enumerate(centres):
+        for i in range(4):
+            db_recs.append({"key": f"t{r}{i}", "footprint": _square(lat + i, lon), "year": 2021,
+                            "lat": lat + i, "lon": lon, "rotation": 0, "image": len(db_recs)})
+        q_recs.append({"key": f"q{r}", "footprint": _square(lat, lon), "nadir": [lat, lon]})
+    db = Embeddings.from_arrays(unit_rows(len(db_recs), 8), db_recs)
+    q = Embeddings.from_arrays(unit_rows(len(q_recs), 8, seed=1), q_recs)
+    regions = ["a:0,0,500,1000", "b:0,60,500,1000"]
+    with caplog.at_level("WARNING"):
+        report = evaluate(db, q, "apl", regions=regions, ks=[1], nprobe=8)
+    assert [r.name for r in report.regions] == ["a", "b"]
+    said = [m for m in caplog.messages if "nprobe" in m]
+    assert len(said) == 1, said
