@@ -49,7 +49,7 @@ def add_arguments(p) -> None:
 def run(args) -> int:
     from shard_tools import storage
 
-    from ..distributed import array_task, barrier, init_process_group_from_env, worker_part
+    from ..distributed import array_task, checked_together, init_process_group_from_env, worker_part
     from ..embed import embed_shards, finalize_embeddings
 
     if args.batch_size < 1 or args.workers < 1:
@@ -58,15 +58,16 @@ def run(args) -> int:
     task, ntasks = array_task(args.task_index, args.num_tasks)
     rank, world = init_process_group_from_env()
     part, parts = worker_part(rank, world, task, ntasks)
-    model, size, dim = load_model(args.model)
-    identity = model_identity(args.model)
-    stats = embed_shards(model, args.shards, args.output, size, rotations, args.batch_size,
-                         args.dtype, part, parts, identity["path"],
-                         resume=not args.no_resume, workers=args.workers,
-                         storage_options=storage.parse_storage_options(args.storage_options),
-                         progress=not args.no_progress, encoder_id=identity)
-    barrier()
-    complete = finalize_embeddings(args.output) if rank == 0 else stats.complete
+    with checked_together():   # a bad shard on one rank stops every rank here, said once
+        model, size, dim = load_model(args.model)
+        identity = model_identity(args.model)
+        stats = embed_shards(model, args.shards, args.output, size, rotations, args.batch_size,
+                             args.dtype, part, parts, identity["path"],
+                             resume=not args.no_resume, workers=args.workers,
+                             storage_options=storage.parse_storage_options(args.storage_options),
+                             progress=not args.no_progress, encoder_id=identity)
+    with checked_together():   # every rank's shards are written: rank 0 finalizes
+        complete = finalize_embeddings(args.output) if rank == 0 else stats.complete
     changed = f" ({stats.shards_changed} changed since embedded)" if stats.shards_changed else ""
     print(f"rank {rank}/{world} task {task}/{ntasks}: embedded {stats.images} images "
           f"({stats.rows} rows, {dim}-d) into {stats.shards_written} shards{changed}, "

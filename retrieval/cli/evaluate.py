@@ -140,7 +140,7 @@ def _cache_folder(cache: str, key: str, what: str, src: str, rotations: list[int
 def _embed_both(args, rank: int, world: int) -> tuple[str, str]:
     from shard_tools import storage
 
-    from ..distributed import barrier
+    from ..distributed import checked_together
     from ..embed import embed_shards, finalize_embeddings
     from ..evaluate import check_protocol_record
 
@@ -161,12 +161,13 @@ def _embed_both(args, rank: int, world: int) -> tuple[str, str]:
     out = []
     for what, src, rots in sets:
         folder = _cache_folder(cache, key, what, src, rots, opts)
-        embed_shards(model, src, folder, size, rots, args.batch_size, args.dtype, rank, world,
-                     identity["path"], workers=args.workers, storage_options=opts,
-                     progress=not args.no_progress, encoder_id=identity)
-        barrier()
-        if rank == 0 and not finalize_embeddings(folder):
-            raise CommandError(f"embeddings in {folder} are incomplete")
+        with checked_together():   # a bad shard on one rank stops every rank, said once
+            embed_shards(model, src, folder, size, rots, args.batch_size, args.dtype, rank,
+                         world, identity["path"], workers=args.workers, storage_options=opts,
+                         progress=not args.no_progress, encoder_id=identity)
+        with checked_together():
+            if rank == 0 and not finalize_embeddings(folder):
+                raise CommandError(f"embeddings in {folder} are incomplete")
         out.append(folder)
     return out[0], out[1]
 

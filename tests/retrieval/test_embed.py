@@ -302,3 +302,34 @@ def test_a_missing_or_wrong_field_of_embeddings_json_is_named_in_one_line(tmp_pa
     proc = run_cli("index", "--embeddings", root, "--output", tmp_path / "idx", "--no-progress")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith("error: ")
+
+
+@pytest.mark.slow
+def test_a_bad_shard_on_one_rank_of_two_is_one_error_line_and_both_ranks_stop(tile_shards,
+                                                                               encoder_dir,
+                                                                               tmp_path):
+    import shutil
+    from pathlib import Path
+
+    from tests.retrieval.test_distributed_search import free_port
+
+    shards = tmp_path / "shards"
+    shutil.copytree(tile_shards, shards)
+    victim = shards / "images-000003.tar"                 # rank 1 of 2 takes shards 1, 3, 5
+    victim.write_bytes(victim.read_bytes()[:3000])
+    out = tmp_path / "emb"
+    env = dict(run_env(), ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1")
+    proc = subprocess.run(
+        [str(Path(PYTHON).parent / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
+         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+         "--main_process_port", str(free_port()), "-m", "retrieval", "embed", "--model",
+         str(encoder_dir), "--shards", str(shards), "--output", str(out), "--no-progress",
+         "--workers", "1"],
+        capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
+    assert proc.returncode != 0
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1 and "images-000003" in errors[0], proc.stderr[-3000:]
+    ours = [ln for ln in proc.stderr.splitlines() if "retrieval" in ln and "File " in ln]
+    assert not ours and "gloo" not in proc.stderr.lower(), proc.stderr[-3000:]
+    assert not (out / "images-000003.npy").exists() and not (out / "embeddings.json").exists()
+    assert (out / "images-000000.npy").exists()         # rank 0's shards are kept
