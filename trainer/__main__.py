@@ -123,7 +123,7 @@ def inspect_data(argv: Sequence[str]) -> int:
 
 def _train(argv: Sequence[str]) -> int:
     try:
-        from .train import main as train_main  # the training loop (issue 9)
+        from .train import main as train_main  # the training loop
     except ImportError as exc:
         print(f"error: training is not available in this build ({exc})", file=sys.stderr)
         return 2

@@ -1,4 +1,4 @@
-"""What a newcomer meets (issue 11, items 15-18): the documented name round trip,
+"""What a newcomer meets: the documented name round trip,
 --help examples that run as written, the pairs figures, one list convention, --version."""
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ def _round_trip_holds(x: str) -> None:
     assert format_earthloc_name(parse_earthloc_name(y), keep_folder=True) == y, x
 
 
-def test_15_round_trip_on_every_real_name(shared_data):
+def test_round_trip_on_every_real_name(shared_data):
     el = shared_data / "earthloc"
     names = _lines(el / "queries.txt") + _lines(el / "database_candidates.txt")
     assert len(names) == 17752 + 8475
@@ -41,7 +41,7 @@ def test_15_round_trip_on_every_real_name(shared_data):
     assert format_earthloc_name(parse_earthloc_name(x), keep_folder=True) != x
 
 
-def test_15_round_trip_with_the_year_only_in_the_folder():
+def test_round_trip_with_the_year_only_in_the_folder():
     x = "database/2019_08/30_-80/@27.05@-92.8@27.05@-90@24.5@-90@24.5@-92.8@08_0104_0060@@1@2@3@0@.jpg"
     r = parse_earthloc_name(x)
     assert r["year"] == 2019 and r["timestamp"] == ""
@@ -51,14 +51,14 @@ def test_15_round_trip_with_the_year_only_in_the_folder():
     assert parse_earthloc_name(y)["timestamp"] == "2019"
 
 
-def test_15_source_is_the_only_field_that_differs_without_the_folder(shared_data):
+def test_source_is_the_only_field_that_differs_without_the_folder(shared_data):
     for x in _lines(shared_data / "earthloc" / "queries.txt")[:2000]:
         r = parse_earthloc_name(x)
         y = format_earthloc_name(r)
         assert "/" not in y and parse_earthloc_name(y) == {**r, "source": y}
 
 
-def test_15_vpr_round_trip_on_every_real_name(shared_data):
+def test_vpr_round_trip_on_every_real_name(shared_data):
     for split, kind in (("val_database.txt", "database"), ("val_queries.txt", "query")):
         for x in _lines(shared_data / "sf-xs" / split):
             r = parse_vpr_name(x, kind)
@@ -100,7 +100,7 @@ def _sbatch_usage() -> int:
 
 
 @pytest.mark.parametrize("where, example", _all_examples())
-def test_16_every_help_example_parses(where, example):
+def test_every_help_example_parses(where, example):
     words = shlex.split(example, comments=True)
     if words[0] == "sbatch":
         script = next(w for w in words if w.endswith(".sbatch"))
@@ -120,21 +120,21 @@ def test_16_every_help_example_parses(where, example):
     assert getattr(args, "_run", None), example
 
 
-def test_16_the_examples_cover_every_command():
+def test_the_examples_cover_every_command():
     assert {w for w, _ in _all_examples()} >= set(COMMANDS)
     assert len(_all_examples()) >= 20
 
 
-def test_16_the_extractor_catches_a_bad_example():
+def test_the_extractor_catches_a_bad_example():
     bad = "  sbatch --array=0-15 slurm/convert.sbatch\n"
     (example,) = _examples(bad)
     with pytest.raises((AssertionError, pytest.fail.Exception)):
-        test_16_every_help_example_parses("convert", example)
+        test_every_help_example_parses("convert", example)
 
 
 # ---------------------------------------------------------------- 17. the pairs figures
 
-def test_17_pairs_figures_against_the_published_file(shared_data, tmp_path):
+def test_pairs_figures_against_the_published_file(shared_data, tmp_path):
     el = shared_data / "earthloc"
     out = tmp_path / "pairs.json"
     r = subprocess.run([PYTHON, "-m", "shard_tools", "pairs", "--database",
@@ -165,7 +165,7 @@ def _table_regions(out: str) -> list[str]:
     return [ln.split()[0] for ln in out.splitlines()[1:-1]]
 
 
-def test_18_regions_take_comma_separated_lists(one_query, capsys):
+def test_regions_take_comma_separated_lists(one_query, capsys):
     assert main(["regions", "--queries", str(one_query),
                  "--regions", "alps,paris:48.86,2.35,800,1500,gobi"]) == 0
     assert _table_regions(capsys.readouterr().out) == ["alps", "paris", "gobi"]
@@ -175,7 +175,7 @@ def test_18_regions_take_comma_separated_lists(one_query, capsys):
     assert _table_regions(capsys.readouterr().out) == ["alps", "paris", "gobi"]
 
 
-def test_18_pairs_exclude_regions_take_the_same_lists(one_query, tmp_path, capsys):
+def test_pairs_exclude_regions_take_the_same_lists(one_query, tmp_path, capsys):
     out = tmp_path / "p.json"
     assert main(["pairs", "--database", str(one_query), "--queries", str(one_query),
                  "--exclude-regions", "alps,mine:0,0,1,1", "--output", str(out)]) == 0
@@ -184,7 +184,7 @@ def test_18_pairs_exclude_regions_take_the_same_lists(one_query, tmp_path, capsy
     assert args.exclude_regions == ["earthloc-test", "x:1,2,3,4"]
 
 
-def test_18_bluemarble_test_regions_use_the_same_parser():
+def test_bluemarble_test_regions_use_the_same_parser():
     p = build_parser()
     a = p.parse_args(["bluemarble", "--output", "o", "--test-regions",
                       "alps,mine:1,2,3,4,gobi", "--zooms", "6,7"])
@@ -197,7 +197,7 @@ def test_18_bluemarble_test_regions_use_the_same_parser():
 
 @pytest.mark.parametrize("argv", [["--version"], ["convert", "--version"],
                                   ["regions", "--version"]])
-def test_18_version(argv):
+def test_version(argv):
     from importlib.metadata import version
     r = subprocess.run([PYTHON, "-m", "shard_tools", *argv], cwd=REPO, env=run_env(),
                        capture_output=True, text=True)

@@ -1,5 +1,5 @@
-"""Hardening (issue 11): no silent loss or duplication, trust the shards over the
-bookkeeping, every failure one line with exit 2. One section per numbered item."""
+"""Hardening: no silent loss or duplication, trust the shards over the
+bookkeeping, every failure one line with exit 2. One section per kind of failure."""
 from __future__ import annotations
 
 import csv
@@ -73,7 +73,7 @@ IMAGES = ("--format", "earthloc", "--kind", "images")
 
 # ---------------------------------------------------------------- 1. input changed on resume
 
-def test_1_resume_after_the_input_changed_is_refused(earthloc, tmp_path, capsys):
+def test_resume_after_the_input_changed_is_refused(earthloc, tmp_path, capsys):
     root, names = earthloc
     out = tmp_path / "out"
     assert convert(*IMAGES, "--input", root, "--output", out, "--shard-size", 4) == 0
@@ -92,7 +92,7 @@ def test_1_resume_after_the_input_changed_is_refused(earthloc, tmp_path, capsys)
     assert not (out / "manifest.json").exists()          # nothing was mixed in
 
 
-def test_1_input_changed_before_anything_was_written_is_planned_again(earthloc, tmp_path):
+def test_input_changed_before_anything_was_written_is_planned_again(earthloc, tmp_path):
     root, names = earthloc
     out = tmp_path / "out"
     assert convert(*IMAGES, "--input", root, "--output", out, "--shard-size", 4) == 0
@@ -106,7 +106,7 @@ def test_1_input_changed_before_anything_was_written_is_planned_again(earthloc, 
 
 # ---------------------------------------------------------------- 2. verify vs manifest
 
-def test_2_verify_checks_the_manifest_against_the_plan_and_the_folder(earthloc, tmp_path,
+def test_verify_checks_the_manifest_against_the_plan_and_the_folder(earthloc, tmp_path,
                                                                      capsys):
     root, _ = earthloc
     out = tmp_path / "out"
@@ -131,7 +131,7 @@ def test_2_verify_checks_the_manifest_against_the_plan_and_the_folder(earthloc, 
 
 # ---------------------------------------------------------------- 3. resume checks the tars
 
-def test_3_resume_rebuilds_a_deleted_or_cut_shard_despite_its_stats(earthloc, tmp_path, capsys):
+def test_resume_rebuilds_a_deleted_or_cut_shard_despite_its_stats(earthloc, tmp_path, capsys):
     root, _ = earthloc
     out = tmp_path / "out"
     args = (*IMAGES, "--input", root, "--output", out, "--shard-size", 4)
@@ -149,7 +149,7 @@ def test_3_resume_rebuilds_a_deleted_or_cut_shard_despite_its_stats(earthloc, tm
 
 # ---------------------------------------------------------------- 4. symlinks
 
-def test_4_symlinked_folders_are_followed_and_loops_rejected(earthloc, tmp_path):
+def test_symlinked_folders_are_followed_and_loops_rejected(earthloc, tmp_path):
     root, names = earthloc
     elsewhere = tmp_path / "elsewhere"
     extra = [n.replace("database/", "", 1) for n in make_earthloc_tree(
@@ -168,7 +168,7 @@ def test_4_symlinked_folders_are_followed_and_loops_rejected(earthloc, tmp_path)
 
 # ---------------------------------------------------------------- 5. duplicates
 
-def test_5_a_path_twice_in_a_list_is_packed_once(earthloc, tmp_path):
+def test_a_path_twice_in_a_list_is_packed_once(earthloc, tmp_path):
     root, names = earthloc
     listing = root / "list.txt"
     listing.write_text("\n".join(names + [names[3], "./" + names[5]]) + "\n")
@@ -179,7 +179,7 @@ def test_5_a_path_twice_in_a_list_is_packed_once(earthloc, tmp_path):
         [(names[3], "duplicate"), ("./" + names[5], "duplicate")])
 
 
-def test_5_duplicate_csv_rows_are_packed_once(tmp_path):
+def test_duplicate_csv_rows_are_packed_once(tmp_path):
     root = tmp_path / "csv"
     write_jpegs(root, ["a.jpg", "b.jpg"])
     rows = [{"path": "a.jpg", "lat": 1, "lon": 2, "place_id": "p"},
@@ -198,7 +198,7 @@ def test_5_duplicate_csv_rows_are_packed_once(tmp_path):
                                                                  ("t.csv:5", "duplicate")]
 
 
-def test_5_duplicate_gsv_cities_rows_are_packed_once(tmp_path):
+def test_duplicate_gsv_cities_rows_are_packed_once(tmp_path):
     from shard_tools.formats import gsv_cities_image_name
     root = tmp_path / "gsv"
     row = {"place_id": 1, "year": 2016, "month": 3, "northdeg": 90, "city_id": "Rome",
@@ -230,7 +230,7 @@ def _rotated_jpeg(size=(400, 200), orientation=6) -> bytes:
     return buf.getvalue()
 
 
-def test_6_resize_applies_the_exif_orientation_and_the_record_says_so(tmp_path):
+def test_resize_applies_the_exif_orientation_and_the_record_says_so(tmp_path):
     root = tmp_path / "csv"
     (root).mkdir()
     (root / "portrait.jpg").write_bytes(_rotated_jpeg())
@@ -248,7 +248,7 @@ def test_6_resize_applies_the_exif_orientation_and_the_record_says_so(tmp_path):
 
 # ---------------------------------------------------------------- 7. region names
 
-def test_7_built_in_region_names_cannot_be_redefined(tmp_path, capsys):
+def test_built_in_region_names_cannot_be_redefined(tmp_path, capsys):
     q = tmp_path / "q.txt"
     q.write_text(earthloc_query_name(TEST_TILES[0], 0) + "\n")
     for argv in (["regions", "--queries", str(q), "--regions", "texas:1,2,3,4"],
@@ -263,7 +263,7 @@ def test_7_built_in_region_names_cannot_be_redefined(tmp_path, capsys):
     assert not (tmp_path / "p.json").exists()
 
 
-def test_7_the_table_shows_the_spec_actually_used(tmp_path, capsys):
+def test_the_table_shows_the_spec_actually_used(tmp_path, capsys):
     q = tmp_path / "q.txt"
     q.write_text(earthloc_query_name(TEST_TILES[0], 0) + "\n")
     assert main(["regions", "--queries", str(q), "--regions", "alps,mine:12.5,-7,100,200"]) == 0
@@ -281,7 +281,7 @@ def _huge_header_jpeg(width=65000, height=65000) -> bytes:
     return bytes(data)
 
 
-def test_8_huge_images_are_rejected_as_too_large_in_both_modes(earthloc, tmp_path):
+def test_huge_images_are_rejected_as_too_large_in_both_modes(earthloc, tmp_path):
     root, names = earthloc
     (root / names[0]).write_bytes(_huge_header_jpeg())
     for extra in ((), ("--max-side", 64)):
@@ -297,7 +297,7 @@ def test_8_huge_images_are_rejected_as_too_large_in_both_modes(earthloc, tmp_pat
     assert {r["reason"] for r in rejects(out)} == {"too large"} and len(rejects(out)) == 24
 
 
-def test_8_verify_lists_a_too_large_image_as_a_problem(earthloc, tmp_path, capsys):
+def test_verify_lists_a_too_large_image_as_a_problem(earthloc, tmp_path, capsys):
     root, names = earthloc
     out = tmp_path / "out"
     assert convert(*IMAGES, "--input", root, "--output", out, "--shard-size", 100) == 0
@@ -324,14 +324,14 @@ def test_8_verify_lists_a_too_large_image_as_a_problem(earthloc, tmp_path, capsy
 
 # ---------------------------------------------------------------- 9. unusable outputs
 
-def test_9_output_under_a_regular_file(earthloc, tmp_path, capsys):
+def test_output_under_a_regular_file(earthloc, tmp_path, capsys):
     root, _ = earthloc
     (tmp_path / "file").write_text("x")
     assert convert(*IMAGES, "--input", root, "--output", tmp_path / "file" / "out") == 2
     assert one_error_line(capsys) == f"error: {tmp_path / 'file'}: Not a directory"
 
 
-def test_9_pairs_and_positives_refuse_a_folder_output_before_computing(tmp_path, capsys):
+def test_pairs_and_positives_refuse_a_folder_output_before_computing(tmp_path, capsys):
     q = tmp_path / "q.txt"
     q.write_text(earthloc_query_name(TEST_TILES[0], 0) + "\n")
     folder = tmp_path / "folder"
@@ -366,7 +366,7 @@ def _in_small_mount(tmp_path: Path, script: str, size: str = "256k", ro: bool = 
 
 
 @pytest.mark.skipif(_unshare_reason() is not None, reason=str(_unshare_reason()))
-def test_9_folder_without_write_permission(earthloc, tmp_path):
+def test_folder_without_write_permission(earthloc, tmp_path):
     """Run in a user namespace with no uid mapped: root's capabilities do not apply there,
     so a folder without write permission refuses writes as it would for any user."""
     root, _ = earthloc
@@ -384,7 +384,7 @@ def test_9_folder_without_write_permission(earthloc, tmp_path):
 
 
 @pytest.mark.skipif(_unshare_reason() is not None, reason=str(_unshare_reason()))
-def test_9_read_only_filesystem(earthloc, tmp_path):
+def test_read_only_filesystem(earthloc, tmp_path):
     root, _ = earthloc
     mnt = tmp_path / "mnt"
     proc = _in_small_mount(tmp_path, f"{PYTHON} -m shard_tools convert "
@@ -394,7 +394,7 @@ def test_9_read_only_filesystem(earthloc, tmp_path):
 
 
 @pytest.mark.skipif(_unshare_reason() is not None, reason=str(_unshare_reason()))
-def test_9_full_disk_is_one_line_and_leaves_no_temporaries(tmp_path):
+def test_full_disk_is_one_line_and_leaves_no_temporaries(tmp_path):
     src = tmp_path / "in"
     # ~600 kB of noise JPEGs into a 256 kB filesystem
     write_jpegs(src, [f"@{i}@1@2@3@4@5@6@7@08_{100 + i:04d}_0060@2021@1@2@100@0@.jpg"
@@ -426,7 +426,7 @@ def converted(earthloc, tmp_path) -> Path:
     (lambda m: {**m, "shards": [{k: v for k, v in m["shards"][0].items() if k != "sha256"}]},
      "has no 'sha256'"),
 ])
-def test_10_malformed_manifest_is_one_line_naming_the_file(converted, capsys, edit, needle):
+def test_malformed_manifest_is_one_line_naming_the_file(converted, capsys, edit, needle):
     path = converted / "manifest.json"
     path.write_text(json.dumps(edit(json.loads(path.read_text()))))
     capsys.readouterr()
@@ -437,7 +437,7 @@ def test_10_malformed_manifest_is_one_line_naming_the_file(converted, capsys, ed
 
 @pytest.mark.parametrize("text, needle", [("{not json", "not valid JSON"),
                                           (b"\xff\xfe{}", "not UTF-8")])
-def test_10_bad_json_or_utf8_names_the_file(converted, capsys, text, needle):
+def test_bad_json_or_utf8_names_the_file(converted, capsys, text, needle):
     path = converted / "manifest.json"
     path.write_bytes(text if isinstance(text, bytes) else text.encode())
     capsys.readouterr()
@@ -445,7 +445,7 @@ def test_10_bad_json_or_utf8_names_the_file(converted, capsys, text, needle):
     assert one_error_line(capsys).startswith(f"error: {path}: {needle}")
 
 
-def test_10_empty_stats_file(converted, capsys):
+def test_empty_stats_file(converted, capsys):
     stats = converted / "images-000001.tar.stats.json"
     stats.write_text("{}")
     capsys.readouterr()
@@ -455,7 +455,7 @@ def test_10_empty_stats_file(converted, capsys):
 
 
 @pytest.mark.parametrize("pairs", [{"a.jpg": [1, None]}, {"a.jpg": "q.jpg"}, ["a.jpg"]])
-def test_10_bad_query_pairs_name_the_file(earthloc, tmp_path, capsys, pairs):
+def test_bad_query_pairs_name_the_file(earthloc, tmp_path, capsys, pairs):
     root, _ = earthloc
     qroot = tmp_path / "queries"
     write_jpegs(qroot, [earthloc_query_name(TEST_TILES[0], 0)])
@@ -467,7 +467,7 @@ def test_10_bad_query_pairs_name_the_file(earthloc, tmp_path, capsys, pairs):
     assert one_error_line(capsys).startswith(f"error: {p}: ")
 
 
-def test_10_slurm_task_id_that_is_not_a_number_names_the_variable(earthloc, tmp_path, capsys,
+def test_slurm_task_id_that_is_not_a_number_names_the_variable(earthloc, tmp_path, capsys,
                                                                   monkeypatch):
     root, _ = earthloc
     monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "abc")
@@ -477,7 +477,7 @@ def test_10_slurm_task_id_that_is_not_a_number_names_the_variable(earthloc, tmp_
     assert "SLURM_ARRAY_TASK_ID='abc' is not an integer" in one_error_line(capsys)
 
 
-def test_10_nul_byte_in_a_csv_path_rejects_that_row_only(tmp_path):
+def test_nul_byte_in_a_csv_path_rejects_that_row_only(tmp_path):
     root = tmp_path / "csv"
     write_jpegs(root, ["a.jpg", "b.jpg"])
     (root / "t.csv").write_text("path,lat,lon,place_id\na.jpg,1,2,p\nb\x00.jpg,1,2,q\n"
@@ -498,14 +498,14 @@ def test_10_nul_byte_in_a_csv_path_rejects_that_row_only(tmp_path):
     (("--shard-size", "0"), "--shard-size must be >= 1"),
     (("--max-pixels", "0"), "--max-pixels must be >= 1"),
 ])
-def test_11_out_of_range_arguments_are_refused(earthloc, tmp_path, args, needle):
+def test_out_of_range_arguments_are_refused(earthloc, tmp_path, args, needle):
     root, _ = earthloc
     proc = run_cli("convert", *IMAGES, "--input", root, "--output", tmp_path / "out", *args)
     assert proc.returncode == 2 and needle in proc.stderr
     assert not (tmp_path / "out").exists()
 
 
-def test_11_gsv_cities_month_13_is_a_reject(tmp_path):
+def test_gsv_cities_month_13_is_a_reject(tmp_path):
     from shard_tools.formats import gsv_cities_image_name
     root = tmp_path / "gsv"
     rows = [{"place_id": 1, "year": 2016, "month": m, "northdeg": 0, "city_id": "Oslo",

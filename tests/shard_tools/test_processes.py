@@ -1,4 +1,4 @@
-"""Processes and temporaries (issue 11, items 12-14): real signals, real concurrent runs.
+"""Processes and temporaries: real signals, real concurrent runs.
 
 A FIFO in the input blocks the converter at a known image, so a test can signal
 it, or start a second run, while a shard is half-written.
@@ -101,7 +101,7 @@ def temporaries(folder: Path) -> list[str]:
 # ---------------------------------------------------------------- 12. workers die with the parent
 
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
-def test_12_workers_die_with_their_parent(blocked_input, tmp_path, sig):
+def test_workers_die_with_their_parent(blocked_input, tmp_path, sig):
     root, _, unblock = blocked_input
     out = tmp_path / "out"
     read_fd, write_fd = os.pipe()
@@ -139,7 +139,7 @@ def test_12_workers_die_with_their_parent(blocked_input, tmp_path, sig):
 
 # ---------------------------------------------------------------- 14. a lock on the output
 
-def test_14_a_second_run_into_a_busy_output_is_refused(blocked_input, tmp_path):
+def test_a_second_run_into_a_busy_output_is_refused(blocked_input, tmp_path):
     root, _, unblock = blocked_input
     out = tmp_path / "out"
     args = [*IMAGES, "--input", root, "--output", out, "--shard-size", 5]
@@ -172,7 +172,7 @@ def test_14_a_second_run_into_a_busy_output_is_refused(blocked_input, tmp_path):
     assert not list(out.glob(".convert-lock-*"))
 
 
-def test_14_array_tasks_run_side_by_side_and_a_dead_owner_is_taken_over(blocked_input,
+def test_array_tasks_run_side_by_side_and_a_dead_owner_is_taken_over(blocked_input,
                                                                        tmp_path):
     root, _, unblock = blocked_input
     out = tmp_path / "out"

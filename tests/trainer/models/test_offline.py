@@ -1,4 +1,4 @@
-"""Pretrained presets offline (issue 11, item 19): HF_HUB_OFFLINE fails at once, without a
+"""Pretrained presets offline: HF_HUB_OFFLINE fails at once, without a
 connection; an unreachable hub fails after one short probe, not the client's retries.
 
 Each case runs in a fresh interpreter with empty weight caches, so nothing cached
