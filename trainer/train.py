@@ -180,9 +180,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     leave_process_group()
     if trainer.stopped_by is not None:
         if trainer.acc.is_main_process:
+            saved = (f"checkpoint {trainer.last_checkpoint}" if trainer.last_checkpoint
+                     else "nothing trained in this start, so no new checkpoint")
             print(f"stopped by {signal.Signals(trainer.stopped_by).name} at update "
-                  f"{trainer.state.update}: checkpoint {trainer.last_checkpoint}; continue with "
-                  "--resume latest", file=sys.stderr)
+                  f"{trainer.state.update}: {saved}; continue with --resume latest",
+                  file=sys.stderr)
         return 128 + int(trainer.stopped_by)
     return 0
 
@@ -299,6 +301,9 @@ class Trainer:
         from .tracking import RunTracker
 
         r = self.recipe
+        # from the start: a SIGTERM during setup (SLURM cancelling a job that waits for its
+        # data) stops the run before its first update instead of killing it with the lock held
+        self._catch_stop_signals()
         self.acc = acc = self._accelerator()
         self.rank, self.world = acc.process_index, acc.num_processes
         if r.train.deterministic:
@@ -633,6 +638,7 @@ class Trainer:
         # before the loader forks its workers: they inherit the handlers and so are not
         # killed by the SIGTERM that SLURM sends to every process of the step
         self._catch_stop_signals()
+        self.stopped_by = self._stop_requested()    # a signal during setup: no update at all
         while not done and st.epoch < r.train.epochs and self.stopped_by is None:
             batches = iter(self.data.batches(st.epoch, st.step))
             while st.step < self.steps_per_epoch:
@@ -702,7 +708,7 @@ class Trainer:
                 self.save_checkpoint()
         bar.close()
         if self.stopped_by is not None:
-            if self._last_ckpt != st.update:
+            if self._last_ckpt != st.update and st.update:   # nothing to save before update 1
                 self.save_checkpoint()
             return {}
         if acc.is_main_process:

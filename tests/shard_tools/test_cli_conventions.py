@@ -20,7 +20,7 @@ def _lines(path: Path) -> list[str]:
     return [ln.strip() for ln in path.read_text().splitlines() if ln.strip()]
 
 
-# ---------------------------------------------------------------- 15. the round-trip property
+# ---------------------------------------------------------------- the round-trip property
 
 def _round_trip_holds(x: str) -> None:
     """The property as the docstring and README state it, for one name."""
@@ -66,7 +66,7 @@ def test_vpr_round_trip_on_every_real_name(shared_data):
             assert parse_vpr_name(y, kind) == {**r, "source": y}, x
 
 
-# ---------------------------------------------------------------- 16. --help examples run
+# ---------------------------------------------------------------- --help examples run
 
 def _examples(text: str) -> list[str]:
     """Command lines of an examples block, continuation lines joined."""
@@ -132,7 +132,7 @@ def test_the_extractor_catches_a_bad_example():
         test_every_help_example_parses("convert", example)
 
 
-# ---------------------------------------------------------------- 17. the pairs figures
+# ---------------------------------------------------------------- the pairs figures
 
 def test_pairs_figures_against_the_published_file(shared_data, tmp_path):
     el = shared_data / "earthloc"
@@ -152,7 +152,7 @@ def test_pairs_figures_against_the_published_file(shared_data, tmp_path):
     assert w <= g and len(g - w) == 20 and len(set(got) - set(ref)) == 10
 
 
-# ---------------------------------------------------------------- 18. one list convention
+# ---------------------------------------------------------------- one list convention
 
 @pytest.fixture
 def one_query(tmp_path) -> Path:

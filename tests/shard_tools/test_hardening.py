@@ -71,7 +71,7 @@ def earthloc(tmp_path) -> tuple[Path, list[str]]:
 IMAGES = ("--format", "earthloc", "--kind", "images")
 
 
-# ---------------------------------------------------------------- 1. input changed on resume
+# ---------------------------------------------------------------- input changed on resume
 
 def test_resume_after_the_input_changed_is_refused(earthloc, tmp_path, capsys):
     root, names = earthloc
@@ -104,7 +104,7 @@ def test_input_changed_before_anything_was_written_is_planned_again(earthloc, tm
     assert sorted(sources(out)) == sorted(names)[1:]
 
 
-# ---------------------------------------------------------------- 2. verify vs manifest
+# ---------------------------------------------------------------- verify vs manifest
 
 def test_verify_checks_the_manifest_against_the_plan_and_the_folder(earthloc, tmp_path,
                                                                      capsys):
@@ -129,7 +129,7 @@ def test_verify_checks_the_manifest_against_the_plan_and_the_folder(earthloc, tm
     assert "lists 2 of the 6 planned shards" in capsys.readouterr().err
 
 
-# ---------------------------------------------------------------- 3. resume checks the tars
+# ---------------------------------------------------------------- resume checks the tars
 
 def test_resume_rebuilds_a_deleted_or_cut_shard_despite_its_stats(earthloc, tmp_path, capsys):
     root, _ = earthloc
@@ -147,7 +147,7 @@ def test_resume_rebuilds_a_deleted_or_cut_shard_despite_its_stats(earthloc, tmp_
     assert verify(out) == 0
 
 
-# ---------------------------------------------------------------- 4. symlinks
+# ---------------------------------------------------------------- symlinks
 
 def test_symlinked_folders_are_followed_and_loops_rejected(earthloc, tmp_path):
     root, names = earthloc
@@ -166,7 +166,7 @@ def test_symlinked_folders_are_followed_and_loops_rejected(earthloc, tmp_path):
                        "database/dangling.jpg": "broken symlink"}
 
 
-# ---------------------------------------------------------------- 5. duplicates
+# ---------------------------------------------------------------- duplicates
 
 def test_a_path_twice_in_a_list_is_packed_once(earthloc, tmp_path):
     root, names = earthloc
@@ -218,7 +218,7 @@ def test_duplicate_gsv_cities_rows_are_packed_once(tmp_path):
         ("Dataframes/Rome.csv:4", "duplicate"), ("Dataframes/Rome.csv:5", "duplicate")]
 
 
-# ---------------------------------------------------------------- 6. EXIF orientation
+# ---------------------------------------------------------------- EXIF orientation
 
 def _rotated_jpeg(size=(400, 200), orientation=6) -> bytes:
     im = Image.new("RGB", size, (200, 30, 30))
@@ -246,7 +246,7 @@ def test_resize_applies_the_exif_orientation_and_the_record_says_so(tmp_path):
     assert json.loads(sample["json"])["exif_orientation_applied"] == 6
 
 
-# ---------------------------------------------------------------- 7. region names
+# ---------------------------------------------------------------- region names
 
 def test_built_in_region_names_cannot_be_redefined(tmp_path, capsys):
     q = tmp_path / "q.txt"
@@ -271,7 +271,7 @@ def test_the_table_shows_the_spec_actually_used(tmp_path, capsys):
     assert "12.5, -7" in table and " 100 " in table and " 200 " in table
 
 
-# ---------------------------------------------------------------- 8. decompression bombs
+# ---------------------------------------------------------------- decompression bombs
 
 def _huge_header_jpeg(width=65000, height=65000) -> bytes:
     data = bytearray(jpeg_bytes(1, (16, 16)))
@@ -322,7 +322,7 @@ def test_verify_lists_a_too_large_image_as_a_problem(earthloc, tmp_path, capsys)
     assert "000000000.jpg: too large to decode" in err and "Traceback" not in err
 
 
-# ---------------------------------------------------------------- 9. unusable outputs
+# ---------------------------------------------------------------- unusable outputs
 
 def test_output_under_a_regular_file(earthloc, tmp_path, capsys):
     root, _ = earthloc
@@ -410,7 +410,7 @@ def test_full_disk_is_one_line_and_leaves_no_temporaries(tmp_path):
     assert not [n for n in left if n.startswith(".convert-lock-")], left
 
 
-# ---------------------------------------------------------------- 10. malformed bookkeeping
+# ---------------------------------------------------------------- malformed bookkeeping
 
 @pytest.fixture
 def converted(earthloc, tmp_path) -> Path:
@@ -490,7 +490,7 @@ def test_nul_byte_in_a_csv_path_rejects_that_row_only(tmp_path):
     assert r["path"] == "t.csv:3" and "control character" in r["reason"]
 
 
-# ---------------------------------------------------------------- 11. argument checks
+# ---------------------------------------------------------------- argument checks
 
 @pytest.mark.parametrize("args, needle", [
     (("--quality", "0"), "--quality must be in [1, 95]"),

@@ -249,7 +249,8 @@ def test_a_second_run_into_a_busy_folder_is_refused(tiny_data, tmp_path, capsys)
     finally:
         first.send_signal(signal.SIGTERM)
         first.communicate(timeout=120)
-    assert first.returncode == 128 + signal.SIGTERM
+    assert first.returncode == 128 + signal.SIGTERM     # also when it arrives during setup
+    assert not (run / ".train-lock.json").exists()      # released on the way out
 
 
 @pytest.mark.slow
