@@ -150,10 +150,11 @@ def _embed_both(args, rank: int, world: int) -> tuple[str, str]:
         ([0, 90, 180, 270] if args.protocol == "apl" else [0])
     opts = storage.parse_storage_options(args.storage_options)
     sets = (("database", args.database, rotations), ("queries", args.queries, [0]))
-    for what, src, _ in sets:   # before any image is embedded
-        check_protocol_record(args.protocol, _first_record(src, opts), f"--{what} {src}")
-    model, size, _ = load_model(args.model)
-    identity = model_identity(args.model)
+    with checked_together():    # every rank checks; a failure is said once, by its rank
+        for what, src, _ in sets:   # before any image is embedded
+            check_protocol_record(args.protocol, _first_record(src, opts), f"--{what} {src}")
+        model, size, _ = load_model(args.model)
+        identity = model_identity(args.model)
     key = _short_hash([identity["weights_sha256"], list(size), args.dtype])[:12]
     cache = args.cache or default_cache(args.output)
     if rank == 0:
@@ -211,7 +212,7 @@ def _provenance(db_emb: str, q_emb: str) -> dict:
 def run(args) -> int:
     from shard_tools import storage
 
-    from ..distributed import init_process_group_from_env
+    from ..distributed import checked_together, init_process_group_from_env
     from ..evaluate import evaluate
 
     ks = parse_ints(args.k, "--k")
@@ -226,14 +227,15 @@ def run(args) -> int:
         db_emb, q_emb = _embed_both(args, rank, world)
     else:
         db_emb, q_emb = args.database_embeddings, args.query_embeddings
-    if rank != 0:
-        return 0
-    report = evaluate(db_emb, q_emb, args.protocol, regions, ks, args.factory, year=year,
-                      allow_mixed_encoders=args.allow_mixed_encoders, **params)
-    print(report.table())
-    if args.output:
-        doc = report.to_dict() | _provenance(db_emb, q_emb) | {
-            "model": os.path.abspath(args.model) if args.model else None}
-        storage.write_json_atomic(args.output, doc)
-        print(f"report -> {args.output}")
+    with checked_together():    # rank 0 scores; the others wait to hear it went well
+        if rank == 0:
+            report = evaluate(db_emb, q_emb, args.protocol, regions, ks, args.factory,
+                              year=year, allow_mixed_encoders=args.allow_mixed_encoders,
+                              **params)
+            print(report.table())
+            if args.output:
+                doc = report.to_dict() | _provenance(db_emb, q_emb) | {
+                    "model": os.path.abspath(args.model) if args.model else None}
+                storage.write_json_atomic(args.output, doc)
+                print(f"report -> {args.output}")
     return 0
