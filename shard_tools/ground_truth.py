@@ -108,9 +108,13 @@ def vpr_positives_from_records(db_records: Iterable[Mapping[str, Any]],
     def utm(records):
         rows = []
         for r in records:
-            if r.get("utm") is None:
+            u = r.get("utm")
+            if u is None:
                 raise ValueError(f"record {r.get('source') or r.get('key')!r} has no utm")
-            rows.append(list(r["utm"][:3]))
+            if not isinstance(u, (list, tuple)) or len(u) < 3:
+                raise ValueError(f"record {r.get('source') or r.get('key')!r} has utm {u!r}: "
+                                 "it needs [easting, northing, zone number, ...]")
+            rows.append(list(u[:3]))
         return np.asarray(rows, np.float64).reshape(-1, 3)
     return vpr_positives(utm(db_records), utm(q_records), radius_m)
 

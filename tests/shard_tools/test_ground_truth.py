@@ -138,3 +138,12 @@ def test_apl_positives_real_queries_against_candidates(shared_data):
         assert want <= set(pos[j].tolist())
         checked += len(want)
     assert checked > 300
+
+
+def test_a_utm_without_its_zone_is_named_not_reshaped_into_other_records():
+    from shard_tools.ground_truth import vpr_positives_from_records
+
+    db = [{"key": f"d{i}", "utm": [500000.0 + i, 4e6, 10, "S"]} for i in range(3)]
+    bad = [{"key": "q0", "utm": [500000.0, 4e6]}, {"key": "q1", "utm": [500001.0, 4e6]}]
+    with pytest.raises(ValueError, match=r"'q0' has utm .*zone"):
+        vpr_positives_from_records(db, bad)
