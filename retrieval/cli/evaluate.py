@@ -213,6 +213,7 @@ def run(args) -> int:
     from shard_tools import storage
 
     from ..distributed import checked_together, init_process_group_from_env
+    from ..environment import environment
     from ..evaluate import evaluate
 
     ks = parse_ints(args.k, "--k")
@@ -235,7 +236,8 @@ def run(args) -> int:
             print(report.table())
             if args.output:
                 doc = report.to_dict() | _provenance(db_emb, q_emb) | {
-                    "model": os.path.abspath(args.model) if args.model else None}
+                    "model": os.path.abspath(args.model) if args.model else None,
+                    "environment": environment()}
                 storage.write_json_atomic(args.output, doc)
                 print(f"report -> {args.output}")
     return 0
