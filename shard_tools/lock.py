@@ -66,6 +66,15 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
+def remove_file(url: str, storage_options: Mapping[str, Any] | None = None) -> None:
+    """Delete one file, local or remote; one that is already gone is no error."""
+    fs, path = storage.filesystem(url, storage_options)
+    try:
+        fs.rm_file(path)
+    except FileNotFoundError:
+        pass
+
+
 def slurm_job() -> str | None:
     job = os.environ.get("SLURM_ARRAY_JOB_ID") or os.environ.get("SLURM_JOB_ID")
     task = os.environ.get("SLURM_ARRAY_TASK_ID", "")
@@ -126,11 +135,7 @@ class OutputLock:
                         "for it to finish, or delete the lock file if that run is gone")
 
     def _delete(self, url: str) -> None:
-        fs, path = storage.filesystem(url, self.storage_options)
-        try:
-            fs.rm_file(path)
-        except FileNotFoundError:
-            pass
+        remove_file(url, self.storage_options)
 
     def acquire(self) -> None:
         storage.check_output_dir(self.out_url, self.storage_options)
@@ -250,11 +255,7 @@ class FolderLock:
         raise self._refuse(self._read())
 
     def _delete(self) -> None:
-        fs, path = storage.filesystem(self.url, self.storage_options)
-        try:
-            fs.rm_file(path)
-        except FileNotFoundError:
-            pass
+        remove_file(self.url, self.storage_options)
 
     def release(self) -> None:
         if not self._held:

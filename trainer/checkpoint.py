@@ -5,7 +5,8 @@ Layout::
     RUN/checkpoints/step-000001000/state.pt        model, optimizer, scheduler, scaler, counters
     RUN/checkpoints/step-000001000/rank-00000.pt   per rank: every RNG and the data position
     RUN/checkpoints/step-000001000/complete.json   written last, after every rank wrote:
-                                                   {"step", "world_size", "run_id", "seq"}
+                                                   {"step", "world_size", "run_id", "seq",
+                                                    "parent"}
     RUN/checkpoints/latest.json                    {"checkpoint": "step-000001000", "step": 1000}
 
 Every file is written atomically (a temporary file then a rename locally, one PUT
@@ -13,16 +14,22 @@ on S3). A checkpoint counts only once its ``complete.json`` exists, so a run
 killed while saving leaves ``latest`` on the previous one; a save that fails on any
 rank (a full disk) fails on every rank, the previous checkpoint untouched.
 
-Each checkpoint knows its run (``run_id``, see ``trainer.runfolder``) and its place in
-that run's save order (``seq``). "Newest" and pruning follow that order, not the step
-number: a run resumed from an older checkpoint writes lower step numbers than the ones
-it abandoned. Checkpoints written before ``seq`` existed count as older than any with
-one, among themselves by step. Old checkpoints of this run beyond ``keep`` and the
-leftovers of a killed save are removed by the main process; another run's checkpoints
-never are.
+Each checkpoint knows its run (``run_id``, see ``trainer.runfolder``), its place in
+that run's save order (``seq``) and the checkpoint it continues (``parent``: the ``seq``
+saved or resumed from just before it; null for a run's first). "Newest" follows the save
+order, not the step number: a run resumed from an older checkpoint writes lower step
+numbers than the ones it abandoned. The parents make a checkpoint's *line*: resumed from
+step 5 after saving 4, 5 and 6, the next save 8 continues 5 and 4, and step 6 is an
+abandoned branch, never a fallback and the first to be pruned. Checkpoints written
+before ``seq`` existed count as older than any with one, among themselves by step; one
+without ``parent`` continues the one saved before it. This run's abandoned checkpoints,
+its line beyond ``keep`` and the leftovers of a killed save are removed by the main
+process; another run's checkpoints never are.
 
 Reading falls back: ``CheckpointStore.load_newest_intact`` takes the newest checkpoint
-whose files every rank can read, warning about each broken one it skips.
+of the line whose files every rank can read, warning about each broken one it skips. A
+checkpoint that lacks the file of a rank it was saved with is broken too (that rank
+would resume with fresh random streams and data position).
 """
 from __future__ import annotations
 
@@ -36,6 +43,7 @@ import numpy as np
 import torch
 
 from shard_tools import storage
+from shard_tools.lock import remove_file
 
 __all__ = ["CheckpointStore", "CheckpointError", "CheckpointWriteError", "rng_state",
            "set_rng_state"]
@@ -118,6 +126,15 @@ class CheckpointStore:
         self.run_dir = storage.normalize(run_dir)
         self.root = storage.join(self.run_dir, "checkpoints")
         self.opts = dict(storage_options or {})
+        # what the next save continues: {"parent": seq}, None for a run's first checkpoint;
+        # {} when unknown (resumed from a checkpoint without seq: the one saved before it)
+        self._parent: dict[str, int | None] = {"parent": None}
+
+    def continue_from(self, info: Mapping[str, Any]) -> None:
+        """The next save continues the checkpoint whose ``complete.json`` is ``info`` (the
+        one this run resumed from); checkpoints saved after it become an abandoned branch."""
+        seq = info.get("seq")
+        self._parent = {"parent": seq} if isinstance(seq, int) else {}
 
     @staticmethod
     def name(step: int) -> str:
@@ -137,7 +154,7 @@ class CheckpointStore:
         error: OSError | None = None
         try:
             if rank == 0:   # re-saving a step: it stops counting before any file changes
-                self._remove_file(storage.join(folder, COMPLETE))
+                remove_file(storage.join(folder, COMPLETE), self.opts)
         except OSError as exc:
             error = exc
         if not agree(error is None):
@@ -157,12 +174,15 @@ class CheckpointStore:
             if rank == 0:
                 self._remove_folder(self.name(step))
             raise self._write_error(folder, error)
+        seq: int | None = None
         if rank == 0:
             try:
-                seq = 1 + max((self._seq(n) or 0 for n in self.complete()), default=0)
+                seq = 1 + max((i["seq"] for i in self._complete_infos().values()
+                               if isinstance(i.get("seq"), int)), default=0)
                 storage.write_json_atomic(storage.join(folder, COMPLETE),
                                           {"step": int(step), "world_size": int(world_size),
-                                           "run_id": run_id, "seq": seq}, self.opts)
+                                           "run_id": run_id, "seq": seq, **self._parent},
+                                          self.opts)
                 storage.write_json_atomic(storage.join(self.root, LATEST),
                                           {"checkpoint": self.name(step), "step": int(step),
                                            "run_id": run_id, "seq": seq}, self.opts)
@@ -170,6 +190,7 @@ class CheckpointStore:
                 error = exc
         if not agree(error is None):
             raise self._write_error(folder, error)
+        self._parent = {"parent": seq}         # the main process's; it alone writes complete.json
         if rank == 0:
             self.prune(keep, run_id, current=self.name(step))
             log.info("checkpoint %s", folder)
@@ -186,13 +207,6 @@ class CheckpointStore:
         where = f" ({error.filename})" if error.filename else ""
         return CheckpointWriteError(f"cannot write checkpoint {folder}: {reason}{where}; {kept}")
 
-    def _remove_file(self, url: str) -> None:
-        fs, path = storage.filesystem(url, self.opts)
-        try:
-            fs.rm_file(path)
-        except FileNotFoundError:
-            pass
-
     def _remove_folder(self, name: str) -> None:
         fs, path = storage.filesystem(self.path(name), self.opts)
         try:
@@ -203,12 +217,16 @@ class CheckpointStore:
             log.warning("could not remove %s: %s", self.path(name), exc)
 
     def prune(self, keep: int, run_id: str | None = None, current: str | None = None) -> None:
-        """Keep this run's newest ``keep`` checkpoints (save order) and remove incomplete ones
-        other than ``current``. Checkpoints of another run stay."""
-        ours = [n for n in self.complete() if self._run_id(n) in (None, run_id)]
-        doomed = ours[:-keep] if keep > 0 else list(ours)
-        complete = set(self.complete())
-        doomed += [n for n in self._names() if n not in complete and n != current]
+        """Keep the newest ``keep`` checkpoints of ``current``'s line (of the newest complete
+        checkpoint without ``current``); remove this run's checkpoints off that line (an
+        abandoned branch) and incomplete ones other than ``current``. Checkpoints of another
+        run stay."""
+        infos = self._complete_infos()
+        ours = [n for n in infos if infos[n].get("run_id") in (None, run_id)]
+        head = current if current in infos else (list(infos)[-1] if infos else None)
+        line = [n for n in self._line(head, infos) if n in ours] if head else []
+        doomed = [n for n in ours if n not in line] + line[:-keep]
+        doomed += [n for n in self._names() if n not in infos and n != current]
         for name in doomed:
             self._remove_folder(name)
 
@@ -227,26 +245,43 @@ class CheckpointStore:
         """A checkpoint's ``complete.json``, or None when it is not complete."""
         return _read_info(storage.join(self.path(name), COMPLETE), self.opts)
 
-    def _seq(self, name: str) -> int | None:
-        seq = (self.info(name) or {}).get("seq")
-        return int(seq) if isinstance(seq, int) else None
+    def _complete_infos(self) -> dict[str, dict[str, Any]]:
+        """name -> ``complete.json`` of every complete checkpoint, oldest first in save order
+        (those without ``seq`` first, by step). One read per checkpoint."""
+        infos = {n: self.info(n) for n in self._names()}
+        done = {n: i for n, i in infos.items() if i is not None}
 
-    def _run_id(self, name: str) -> str | None:
-        return (self.info(name) or {}).get("run_id")
+        def order(n: str) -> tuple[int, int]:
+            seq = done[n].get("seq")
+            return (1, seq) if isinstance(seq, int) else (0, int(_NAME.match(n).group(1)))
+        return {n: done[n] for n in sorted(done, key=order)}
+
+    @staticmethod
+    def _line(name: str, infos: Mapping[str, Mapping[str, Any]]) -> list[str]:
+        """``name`` and the checkpoints it continues (``parent`` after ``parent``), oldest
+        first. Without a ``parent`` key a checkpoint continues the one saved before it."""
+        order = list(infos)
+        by_seq = {i.get("seq"): n for n, i in infos.items() if isinstance(i.get("seq"), int)}
+        line, seen = [name], {name}
+        while True:
+            info = infos[line[-1]]
+            if "parent" in info:
+                before = by_seq.get(info["parent"]) if isinstance(info["parent"], int) else None
+            else:
+                at = order.index(line[-1])
+                before = order[at - 1] if at > 0 else None
+            if before is None or before in seen:
+                return line[::-1]
+            line.append(before)
+            seen.add(before)
 
     def complete(self) -> list[str]:
         """Complete checkpoints, oldest first in save order (those without ``seq`` first)."""
-        infos = {n: self.info(n) for n in self._names()}
-        done = [n for n, i in infos.items() if i is not None]
-
-        def order(n: str) -> tuple[int, int]:
-            seq = infos[n].get("seq")
-            return (1, seq) if isinstance(seq, int) else (0, int(_NAME.match(n).group(1)))
-        return sorted(done, key=order)
+        return list(self._complete_infos())
 
     def run_ids(self) -> set[str | None]:
         """The runs the complete checkpoints belong to (None: written before run ids)."""
-        return {self._run_id(n) for n in self.complete()}
+        return {i.get("run_id") for i in self._complete_infos().values()}
 
     def latest(self) -> str | None:
         """The newest complete checkpoint folder (save order), or None."""
@@ -279,26 +314,30 @@ class CheckpointStore:
                                 "with one")
 
     def fallbacks(self, folder: str) -> list[str]:
-        """``folder`` then the complete checkpoints saved before it, newest first."""
-        done = [self.path(n) for n in self.complete()]
-        if folder not in done:
+        """``folder`` then the checkpoints of its line (those it continues), newest first:
+        never one of an abandoned branch."""
+        infos = self._complete_infos()
+        name = folder.rstrip("/").rsplit("/", 1)[-1]
+        if self.path(name) != folder.rstrip("/") or name not in infos:
             return [folder]
-        return done[:done.index(folder) + 1][::-1]
+        return [self.path(n) for n in self._line(name, infos)[::-1]]
 
     @staticmethod
     def load(folder: str, rank: int, storage_options: Mapping[str, Any] | None = None
              ) -> tuple[dict[str, Any], dict[str, Any] | None, dict[str, Any]]:
-        """(shared state, this rank's state or None if the checkpoint has no such rank, info).
-        Raises ``CheckpointError`` naming the file that cannot be read."""
+        """(shared state, this rank's state or None if the checkpoint was saved with fewer
+        ranks, info). Raises ``CheckpointError`` naming the file that cannot be read, or that
+        is missing for a rank the checkpoint was saved with."""
         info = _read_info(storage.join(folder, COMPLETE), storage_options)
         if info is None:
             raise CheckpointError(f"{storage.join(folder, COMPLETE)}: missing or not a JSON "
                                   "object")
         shared = _read_torch(storage.join(folder, STATE), storage_options)
         path = storage.join(folder, rank_file(rank))
-        per_rank = (_read_torch(path, storage_options)
-                    if storage.exists(path, storage_options) else None)
-        return shared, per_rank, info
+        saved_world = info.get("world_size")
+        if isinstance(saved_world, int) and rank >= saved_world:
+            return shared, None, info           # a rank the checkpoint did not have
+        return shared, _read_torch(path, storage_options), info
 
     @staticmethod
     def load_newest_intact(candidates: list[str], rank: int, agree: Callable[[bool], bool],

@@ -32,14 +32,19 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from types import FrameType
+from typing import TYPE_CHECKING, Any, Callable, Sequence, TypeVar
 
 import torch
 from torch import nn
 
 from shard_tools import storage
+from shard_tools.cli import error_line
 
 from .recipe import ConfigError, Recipe
+
+if TYPE_CHECKING:
+    from .resume import RecipeChange
 
 __all__ = ["main", "Trainer", "TrainState", "RunError", "set_train_mode", "json_safe", "EXAMPLES",
            "STOP_SIGNALS"]
@@ -47,6 +52,8 @@ __all__ = ["main", "Trainer", "TrainState", "RunError", "set_train_mode", "json_
 log = logging.getLogger("trainer.train")
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+
+T = TypeVar("T")
 
 EXAMPLES = """examples:
   python -m trainer --config configs/demo-bluemarble.yaml
@@ -95,15 +102,26 @@ def _error(msg: str, echo: bool = True) -> int:
 
 class RunError(ValueError):
     """A run that must not go on: one line, printed by the rank that found it (``echo``);
-    the other ranks stop quietly."""
+    the other ranks stop quietly. Every rank raises it at the same point (the checks are
+    collective or read the same files), so they can leave the process group together
+    (``retrieval.distributed.leave_after_failure`` reads ``all_ranks_know``)."""
+
+    all_ranks_know = True
 
     def __init__(self, message: str, echo: bool = True) -> None:
         super().__init__(message)
         self.echo = echo
 
 
-def _first_line(exc: BaseException) -> str:
-    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+def _fail_together(trainer: "Trainer", exc: RunError) -> int:
+    """A failure every rank agreed on: one line (from the rank that found it), every rank
+    leaves the process group (a live gloo group can abort at exit), exit 2."""
+    from retrieval.distributed import leave_after_failure
+
+    trainer.close()
+    code = _error(str(exc), exc.echo)
+    leave_after_failure(exc)
+    return code
 
 
 def _inside(path: str, folder: str) -> bool:
@@ -155,11 +173,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         trainer.setup(args.resume)
     except RunError as exc:
-        trainer.close()
-        return _error(str(exc), exc.echo)
+        return _fail_together(trainer, exc)
     except (ValueError, FileNotFoundError, OSError, LockHeld) as exc:
         trainer.close()
-        return _error(_first_line(exc))
+        return _error(error_line(exc))
     except KeyboardInterrupt:
         trainer.close()
         print("interrupted before training started: nothing was trained", file=sys.stderr)
@@ -167,16 +184,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         trainer.fit()
     except NoUsableDataError as exc:   # found while streaming (maybe in a DataLoader worker)
+        trainer.close()
         return _error(error_message(exc))
     except RunError as exc:
-        return _error(str(exc), exc.echo)
+        return _fail_together(trainer, exc)
     except OSError as exc:             # a full disk, a lost mount: the last checkpoint stands
-        return _error(_first_line(exc))
+        trainer.close()
+        return _error(error_line(exc))
     except KeyboardInterrupt:          # the second Ctrl-C
+        trainer.close()
         print("interrupted again: stopped without a checkpoint", file=sys.stderr)
         return 128 + signal.SIGINT
-    finally:
-        trainer.close()
+    trainer.close()
     leave_process_group()
     if trainer.stopped_by is not None:
         if trainer.acc.is_main_process:
@@ -318,6 +337,8 @@ class Trainer:
                 log.info("--resume %s: no checkpoint in %s yet, starting fresh", resume, self.run_dir)
         self._claim_run(resume_from)
         loaded = self._read_checkpoint(resume_from) if resume_from else None
+        if loaded and _inside(loaded[0], self.store.root):
+            self.store.continue_from(loaded[4])   # later saves of the old run: abandoned
         # data before the model: a bad shard set fails before anything large is built
         self.data = build_train_data(r.data, r.model.image_hw, self.rank, self.world)
         self.steps_per_epoch = self.data.steps_per_epoch
@@ -340,7 +361,7 @@ class Trainer:
                                          r.train.epochs * self.updates_per_epoch,
                                          self.updates_per_epoch)
         if loaded:
-            self._load(*loaded)
+            self._load(*loaded[:4])
         if acc.is_main_process:
             self._write_config(resumed=bool(loaded))
             if not resume_from and r.train.save_init:
@@ -364,7 +385,7 @@ class Trainer:
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return int(flag.item()) == 0
 
-    def _collective(self, fn, *args) -> Any:
+    def _collective(self, fn: Callable[..., T], *args: Any) -> T | None:
         """``fn`` on the main process; its error stops every rank (printed once)."""
         result, error = None, None
         if self.acc.is_main_process:
@@ -374,7 +395,7 @@ class Trainer:
                 error = exc
         if not self.agree(error is None):
             if error is not None:
-                raise RunError(_first_line(error)) from None
+                raise RunError(error_line(error)) from None
             raise RunError("the main process refused the run folder", echo=False)
         return result
 
@@ -406,16 +427,18 @@ class Trainer:
             return start_run(self.run_dir)
         self.run_id = self._collective(claim)
 
-    def _read_checkpoint(self, folder: str) -> tuple[str, dict, dict | None, Any]:
-        """The newest intact checkpoint from ``folder`` back, and how its recipe differs.
-        Breaking changes are refused here, before the data or the model are built."""
+    def _read_checkpoint(self, folder: str
+                         ) -> tuple[str, dict, dict | None, "RecipeChange", dict[str, Any]]:
+        """The newest intact checkpoint of ``folder``'s line, how its recipe differs, and its
+        ``complete.json``. Breaking changes are refused here, before the data or the model
+        are built."""
         from .checkpoint import CheckpointError, CheckpointStore
         from .resume import compare_recipes
 
         parent = folder.rsplit("/checkpoints/", 1)[0] if "/checkpoints/" in folder else None
         candidates = CheckpointStore(parent).fallbacks(folder) if parent else [folder]
         try:
-            folder, (shared, per_rank, _) = CheckpointStore.load_newest_intact(
+            folder, (shared, per_rank, info) = CheckpointStore.load_newest_intact(
                 candidates, self.rank, self.agree)
         except CheckpointError as exc:
             raise RunError(str(exc), echo=self.acc.is_main_process) from None
@@ -429,7 +452,7 @@ class Trainer:
         if change.breaking:
             log.warning("--allow-recipe-change: resuming with changes that break an exact "
                         "resume: %s", change.describe(change.breaking))
-        return folder, shared, per_rank, change
+        return folder, shared, per_rank, change, info
 
     def _write_config(self, resumed: bool = False) -> None:
         path = storage.join(self.run_dir, "config.yaml")
@@ -471,7 +494,7 @@ class Trainer:
             self.tracker.sync()
 
     def _load(self, folder: str, shared: dict[str, Any], per_rank: dict[str, Any] | None,
-              change) -> None:
+              change: "RecipeChange") -> None:
         """Restore a checkpoint, then apply the recipe's changeable keys for real."""
         from .checkpoint import set_rng_state
         from .runfolder import record_resume
@@ -481,7 +504,7 @@ class Trainer:
             self.acc.unwrap_model(self.model).load_state_dict(shared["model"])
         except (RuntimeError, KeyError, ValueError) as exc:
             raise RunError(f"--resume {folder}: the checkpoint's weights do not fit this "
-                           f"recipe's model ({_first_line(exc)})", echo=echo) from None
+                           f"recipe's model ({error_line(exc)})", echo=echo) from None
         self._load_optimizer(folder, shared, "optim.optimizer" in change.changed)
         scaler = getattr(self.acc, "scaler", None)
         if scaler is not None and shared.get("scaler"):
@@ -516,7 +539,7 @@ class Trainer:
                 self.optimizer.load_state_dict(shared["optimizer"])
             except (RuntimeError, KeyError, ValueError) as exc:
                 raise RunError(f"--resume {folder}: the checkpoint's optimizer state does not "
-                               f"fit this recipe ({_first_line(exc)})",
+                               f"fit this recipe ({error_line(exc)})",
                                echo=self.acc.is_main_process) from None
         for group, hyper in zip(inner.param_groups, wanted):
             group.update(hyper)
@@ -771,7 +794,7 @@ class Trainer:
         return loss
 
     # -- stopping on a signal
-    def _on_signal(self, signum: int, frame) -> None:
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         if self._signal_seen == signal.SIGINT and signum == signal.SIGINT:
             raise KeyboardInterrupt       # a second Ctrl-C: stop now
         self._signal_seen = signum

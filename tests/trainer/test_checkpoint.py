@@ -25,11 +25,23 @@ def _save(store: CheckpointStore, step: int, run_id: str = "run-a", keep: int = 
     return store.save(step, {"step": step}, {"rank": 0, "step": step}, 0, 1, _same, keep, run_id)
 
 
+def _names(tmp_path) -> list[str]:
+    return sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if p.name != "latest.json")
+
+
+def _resumed(tmp_path, name: str) -> CheckpointStore:
+    """The store of a new start that resumed from checkpoint ``name``."""
+    store = CheckpointStore(str(tmp_path))
+    store.continue_from(CheckpointStore.load(store.path(name), 0)[2])
+    return store
+
+
 def test_pruning_and_latest_follow_the_runs_save_order_not_the_step_number(tmp_path):
     store = CheckpointStore(str(tmp_path))
     for step in (10, 12):
         _save(store, step)
     # resumed from step 10 (step 12 abandoned): the new checkpoints have lower numbers
+    store = _resumed(tmp_path, "step-000000010")
     _save(store, 11)
     assert store.latest().endswith("step-000000011")
     _save(store, 12)          # re-saved in place: counts as the newest, not the old 12
@@ -37,6 +49,40 @@ def test_pruning_and_latest_follow_the_runs_save_order_not_the_step_number(tmp_p
         "latest.json", "step-000000011", "step-000000012"]
     assert json.loads((tmp_path / "checkpoints" / "step-000000012" / "complete.json")
                       .read_text())["seq"] == 4
+
+
+@pytest.mark.parametrize("keep, left", [
+    (2, ["step-000000005", "step-000000008"]),
+    (3, ["step-000000004", "step-000000005", "step-000000008"]),
+])
+def test_checkpoints_saved_after_the_one_resumed_from_are_pruned_and_never_a_fallback(
+        tmp_path, keep, left):
+    store = CheckpointStore(str(tmp_path))
+    for step in (4, 5, 6):
+        _save(store, step, keep=3)
+    store = _resumed(tmp_path, "step-000000005")      # step 6 is now an abandoned branch
+    _save(store, 8, keep=keep)
+    assert _names(tmp_path) == left
+    assert store.latest().endswith("step-000000008")
+    assert [f.rsplit("/", 1)[-1] for f in store.fallbacks(store.latest())] == left[::-1]
+
+
+def test_a_checkpoint_without_a_file_of_a_rank_it_was_saved_with_is_broken(tmp_path, caplog):
+    stores = [CheckpointStore(str(tmp_path)) for _ in range(2)]    # two ranks in one process
+    for step in (2, 4):
+        for rank in (1, 0):                  # rank 0 last: it writes complete.json
+            stores[rank].save(step, {"step": step} if rank == 0 else None,
+                              {"rank": rank, "step": step}, rank, 2, _same, 2, "run-a")
+    store = stores[0]
+    (tmp_path / "checkpoints" / "step-000000004" / "rank-00001.pt").unlink()
+    with pytest.raises(CheckpointError, match="step-000000004/rank-00001.pt: missing"):
+        CheckpointStore.load(store.latest(), 1)
+    folder, (_, mine, _) = CheckpointStore.load_newest_intact(
+        store.fallbacks(store.latest()), 1, _same)
+    assert folder.endswith("step-000000002") and mine == {"rank": 1, "step": 2}
+    assert any("step-000000004" in r.getMessage() and "rank-00001.pt" in r.getMessage()
+               for r in caplog.records if "is broken, skipped" in r.getMessage())
+    assert CheckpointStore.load(store.latest(), 2)[1] is None     # a rank it never had
 
 
 def test_another_runs_checkpoints_are_never_pruned(tmp_path):

@@ -143,6 +143,33 @@ def test_allowed_breaking_changes_resume_or_fail_in_one_line(finished, capsys):
     assert len(err) == 1 and "do not fit this recipe's model" in err[0]
 
 
+def test_a_resume_from_an_older_checkpoint_prunes_the_abandoned_later_ones(tiny_data, tmp_path,
+                                                                          caplog):
+    caplog.set_level(logging.INFO)
+    run = tmp_path / "run"
+    cfg = write_recipe(tmp_path / "r.yaml", recipe(
+        tiny_data, run, data={"steps_per_epoch": 10},
+        train={"epochs": 1, "max_steps": 6, "checkpoint_every": 1, "keep_checkpoints": 2},
+        eval={"database_shards": None, "query_shards": None},
+        log={"tensorboard": False, "image_grid": False}))
+    assert main(["--config", str(cfg), "--no-progress"]) == 0
+    assert _checkpoints(run) == ["step-000000005", "step-000000006"]
+    five = run / "checkpoints" / "step-000000005"
+    assert main(["--config", str(cfg), "--no-progress", "--resume", str(five),
+                 "train.max_steps=8", "train.checkpoint_every=4"]) == 0
+    # 8 continues 5: the abandoned 6 goes, the checkpoint the run came from stays
+    assert _checkpoints(run) == ["step-000000005", "step-000000008"]
+    assert json.loads((run / "checkpoints" / "step-000000008" / "complete.json").read_text())[
+        "parent"] == json.loads((five / "complete.json").read_text())["seq"]
+    state = run / "checkpoints" / "step-000000008" / "state.pt"
+    state.write_bytes(state.read_bytes()[:1000])
+    caplog.clear()
+    assert main(["--config", str(cfg), "--no-progress", "--resume", "latest",
+                 "train.max_steps=8", "train.checkpoint_every=4"]) == 0
+    resumed = [r.getMessage() for r in caplog.records if r.getMessage().startswith("resumed")]
+    assert "step-000000005" in resumed[0]           # the fallback is 8's own line
+
+
 # ---------------------------------------------------------------- broken checkpoints
 
 def test_a_truncated_newest_checkpoint_falls_back_to_the_previous_one(finished, capsys, caplog):

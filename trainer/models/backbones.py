@@ -89,7 +89,11 @@ def check_pretrained(name: str, pretrained: bool | str | None) -> None:
     key = canonical_backbone_name(name)
     if is_weights_file(pretrained):
         if not os.path.isfile(os.fspath(pretrained)):
-            raise FileNotFoundError(f"pretrained weights file not found: {os.fspath(pretrained)}")
+            # a resume takes its weights from the checkpoint: the starting file may be gone
+            raise FileNotFoundError(f"pretrained weights file not found: {os.fspath(pretrained)} "
+                                    "(to resume a run whose starting weights are gone, pass "
+                                    "model.pretrained=null: the weights come from the "
+                                    "checkpoint)")
         return
     if key in _RESNET_STAGE_CHANNELS:
         _resnet_weights_tag(key, pretrained)
