@@ -29,6 +29,12 @@ rank) takes every ``parts``-th shard, so ranks never write the same file.
     dtype         storage type (derived from the .npy files)
     rotations     degrees embedded (derived from the records)
     digest        embeddings_digest of the rows (derived: computed when absent)
+    files         {"<name>.npy": {"size", "mtime_ns", "sha256"}} of each shard's rows. Opening
+                  compares size and mtime (cheap); a file that differs is hashed, and when its
+                  sha256 differs too the digest is computed again from the rows, with a
+                  warning, so an index built from the old rows refuses them; same bytes
+                  under new mtimes (a copy) are accepted and their mtimes recorded. Without
+                  it the recorded digest is taken as it is
     encoder       {"path", "weights_sha256"} of the encoder, null when unknown
     shard_sha256  manifest sha256 of each source shard, null where unknown
     model, image_size, sources, format_version   informative
@@ -55,7 +61,8 @@ from shard_tools.reader import ReadErrors, iter_samples, list_shards
 from .atomic import atomic_path
 from .distributed import take_part
 from .images import check_rotations, load_views
-from .provenance import describe_encoder, embeddings_digest, same_encoder
+from .provenance import (describe_encoder, embeddings_digest, file_record, file_sha256,
+                         rows_digest, same_encoder)
 
 log = logging.getLogger(__name__)
 
@@ -220,14 +227,20 @@ def _read_json(path: str) -> Any:
 
 
 def check_same_encoder(a: Mapping[str, Any] | None, b: Mapping[str, Any] | None,
-                       what_a: str = "the database", what_b: str = "the queries") -> None:
+                       what_a: str = "the database", what_b: str = "the queries",
+                       allow: bool = False) -> None:
     """Refuse (ValueError) two sets of embeddings whose encoders' weights differ: their
-    vectors live in different spaces, so a search over both is meaningless. Unknown
-    encoders (in-memory models, foreign embeddings) are not refused: nothing to compare."""
-    if same_encoder(a, b) is False:
-        raise ValueError(f"{what_a} and {what_b} come from different encoders: "
-                         f"{describe_encoder(a)} and {describe_encoder(b)}; embed both with "
-                         "one encoder (or pass --allow-mixed-encoders)")
+    vectors live in different spaces, so a search over both is meaningless. ``allow``
+    (``--allow-mixed-encoders``): a warning instead. Unknown encoders (in-memory models,
+    foreign embeddings) are not refused: nothing to compare."""
+    if same_encoder(a, b) is not False:
+        return
+    text = (f"{what_a} and {what_b} come from different encoders: {describe_encoder(a)} "
+            f"and {describe_encoder(b)}")
+    if allow:
+        log.warning("%s; their scores are not comparable (--allow-mixed-encoders)", text)
+        return
+    raise ValueError(f"{text}; embed both with one encoder (or pass --allow-mixed-encoders)")
 
 
 def _check_encoder(output: str, old: Mapping[str, Any], new: Mapping[str, Any]) -> None:
@@ -327,7 +340,8 @@ def finalize_embeddings(output: str) -> bool:
             "rotations": params["rotations"], "image_size": params["image_size"],
             "shards": names, "sources": params["sources"],
             "shard_sha256": [embedded_from(output, n) for n in names],
-            "shard_rows": rows, "rows": sum(rows), "digest": embeddings_digest(emb)}
+            "shard_rows": rows, "rows": sum(rows), "digest": rows_digest(emb),
+            "files": {n + ".npy": file_record(os.path.join(output, n + ".npy")) for n in names}}
     storage.write_json_atomic(os.path.join(output, META), meta)
     return True
 
@@ -507,6 +521,7 @@ class Embeddings:
         arrays = [_load_rows(root, n, meta.get("dim")) for n in names]
         emb = cls(arrays, None, meta, root, names)
         _derive_meta(emb, path)
+        _check_files(emb, path)
         return emb
 
     def __len__(self) -> int:
@@ -642,6 +657,70 @@ def _derive_meta(emb: "Embeddings", path: str) -> None:
     for key, value in derived.items():
         if emb.meta.get(key) is None:
             emb.meta[key] = value
+
+
+@dataclass
+class FileCheck:
+    """What opening found about the ``.npy`` files against ``embeddings.json``: files whose
+    bytes differ (``changed``), and files with the same bytes under a new mtime (``moved``:
+    a copied folder), by name, with their new mtime."""
+
+    changed: list[str] = field(default_factory=list)
+    moved: dict[str, int] = field(default_factory=dict)
+
+
+def _check_rows_files(root: str, names: Sequence[str], records: Mapping[str, Any]) -> FileCheck:
+    """Compare each ``<name>.npy`` with its record: equal size and mtime are taken as the
+    recorded bytes (no read); a new mtime is settled by the sha256."""
+    check = FileCheck()
+    for name in names:
+        file, rec = os.path.join(root, name + ".npy"), records.get(name + ".npy")
+        if not isinstance(rec, Mapping):
+            check.changed.append(file)
+            continue
+        st = os.stat(file)
+        if st.st_size != rec.get("size"):
+            check.changed.append(file)
+        elif st.st_mtime_ns != rec.get("mtime_ns"):
+            if file_sha256(file) == rec.get("sha256"):
+                check.moved[name + ".npy"] = st.st_mtime_ns
+            else:
+                check.changed.append(file)
+    return check
+
+
+def _refresh_mtimes(path: str, meta: Mapping[str, Any], moved: Mapping[str, int]) -> None:
+    """Record the new mtimes of files with unchanged bytes, so the next open reads nothing;
+    best effort (a read-only folder is hashed again next time, nothing more)."""
+    doc = _read_json(path)
+    if not isinstance(doc, dict) or doc.get("files") != meta.get("files"):
+        return                                  # rewritten meanwhile: leave it
+    files = {n: dict(r, mtime_ns=moved[n]) if n in moved else r for n, r in doc["files"].items()}
+    try:
+        storage.write_json_atomic(path, {**doc, "files": files})
+    except OSError as exc:
+        log.debug("%s: new mtimes not recorded (%s)", path, exc)
+
+
+def _check_files(emb: "Embeddings", path: str) -> None:
+    """Make the digest stand for the rows. When a ``.npy`` file changed since
+    ``embeddings.json`` was written, compute it from the rows (and say which file), so that
+    an index built from the old rows refuses these and ``index`` rebuilds. Folders without
+    ``files`` (older, foreign) keep the digest they record."""
+    records = emb.meta.get("files")
+    if not isinstance(records, Mapping):
+        return
+    check = _check_rows_files(emb.root, emb.names, records)
+    if check.changed:
+        more = f" (and {len(check.changed) - 1} more)" if len(check.changed) > 1 else ""
+        log.warning("%s%s is not the file %s records (replaced or modified since it was "
+                    "written): the embeddings' digest is computed from the rows again",
+                    check.changed[0], more, path)
+        emb.meta["digest"] = rows_digest(emb)
+    elif check.moved:
+        log.debug("%s: %d files have new mtimes and the recorded sha256", path,
+                  len(check.moved))
+        _refresh_mtimes(path, emb.meta, check.moved)
 
 
 def _read_records(root: str, name: str, n_rows: int) -> list[dict]:

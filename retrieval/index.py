@@ -39,7 +39,7 @@ from shard_tools.cli import error_line
 
 from .atomic import atomic_path
 from .embed import Embeddings, as_embeddings
-from .provenance import bytes_sha256, embeddings_digest, file_sha256
+from .provenance import embeddings_digest, file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -135,12 +135,15 @@ def shard_ranges(rows: int, num_shards: int) -> list[tuple[int, int]]:
 
 
 def _write_index_atomic(index: faiss.Index, path: str) -> dict:
-    """Write ``index`` whole or not at all; its ``{"size", "sha256"}``, hashed from the bytes
-    written (no second read)."""
-    data = faiss.serialize_index(index).tobytes()
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        f.write(data)
-    return {"size": len(data), "sha256": bytes_sha256(data)}
+    """Write ``index`` whole or not at all; its ``{"size", "sha256"}``. FAISS writes the
+    temporary file itself and the hash streams it back, so no copy of the index is held
+    in memory (a serialised index is as large as the index)."""
+    with atomic_path(path) as tmp:
+        try:
+            faiss.write_index(index, tmp)
+        except RuntimeError as exc:   # e.g. the disk is full: one line naming the file
+            raise OSError(f"cannot write index {path}: {error_line(exc)}") from None
+        return {"size": os.path.getsize(tmp), "sha256": file_sha256(tmp)}
 
 
 def _faiss_read(path: str, flags: int = 0) -> faiss.Index:
@@ -151,22 +154,20 @@ def _faiss_read(path: str, flags: int = 0) -> faiss.Index:
         raise ValueError(f"cannot read index {path}: {error_line(exc)}") from None
 
 
-def file_problem(path: str, record: dict | None, data: bytes | None = None,
-                 hash_it: bool = True) -> str | None:
+def file_problem(path: str, record: dict | None, hash_it: bool = True) -> str | None:
     """Why the file at ``path`` is not the one ``record`` (``{"size", "sha256"}``) describes,
-    or None when it is. ``data``: its bytes when already read (hashed instead of re-read);
-    ``hash_it=False``: the size only (large on-disk lists)."""
+    or None when it is. The hash streams the file (4 MiB at a time); ``hash_it=False``: the
+    size only (large on-disk lists)."""
     if not os.path.exists(path):
         return "missing"
     if not record or "size" not in record or (hash_it and not record.get("sha256")):
         return "not recorded in index.json (its build did not finish)"
-    size = len(data) if data is not None else os.path.getsize(path)
+    size = os.path.getsize(path)
     if size != record["size"]:
         return f"{size} bytes where index.json records {record['size']} (truncated or replaced)"
     if not hash_it:
         return None
-    digest = bytes_sha256(data) if data is not None else file_sha256(path)
-    if digest != record["sha256"]:
+    if file_sha256(path) != record["sha256"]:
         return "its sha256 differs from the one index.json records (replaced or damaged)"
     return None
 
@@ -370,9 +371,10 @@ class ShardedIndex:
              check_embeddings: bool = True) -> "ShardedIndex":
         """Read an index folder (only the given shard numbers, e.g. this rank's).
 
-        Each file is checked against the size and sha256 ``index.json`` records (hashed
-        from the bytes loaded), and, with ``check_embeddings``, the source embeddings (when
-        present) against the recorded digest: a mismatch is a ValueError naming the file."""
+        Each file is checked against the size and sha256 ``index.json`` records (the hash
+        streams the file, then FAISS reads it: one copy in memory, none with ``mmap``),
+        and, with ``check_embeddings``, the source embeddings (when present) against the
+        recorded digest: a mismatch is a ValueError naming the file."""
         root = storage.normalize(root)
         meta = read_meta(root)
         loaded: list[IndexShard] = []
@@ -404,21 +406,11 @@ def _read_checked(root: str, meta: dict, name: str, flags: int = 0) -> faiss.Ind
     """One index file, verified against ``meta["files"]`` (absent in older index.json)."""
     path = os.path.join(root, name)
     records = meta.get("files")
-    if records is None:
-        return _faiss_read(path, flags)
-    data = None
-    if not flags:
-        with open(path, "rb") as f:
-            data = f.read()
-    problem = file_problem(path, records.get(name), data)
-    if problem:
-        raise ValueError(f"{path}: {problem}; {REBUILD_HINT}")
-    if data is None:
-        return _faiss_read(path, flags)
-    try:
-        return faiss.deserialize_index(np.frombuffer(data, np.uint8))
-    except RuntimeError as exc:
-        raise ValueError(f"cannot read index {path}: {error_line(exc)}") from None
+    if records is not None:
+        problem = file_problem(path, records.get(name))
+        if problem:
+            raise ValueError(f"{path}: {problem}; {REBUILD_HINT}")
+    return _faiss_read(path, flags)
 
 
 def _read_merged(root: str, meta: dict) -> faiss.Index:
@@ -591,6 +583,27 @@ def _shard_numbers(num_shards: int, shard: "int | Sequence[int] | None") -> list
     return numbers
 
 
+@dataclass
+class BuildPlan:
+    """What a build works on: the embeddings, every shard's row range, the shard numbers
+    to build now, and whether the factory's index stores global ids."""
+
+    emb: Embeddings
+    ranges: list[tuple[int, int]]
+    numbers: list[int]
+    global_ids: bool
+
+
+def plan_build(embeddings: "Embeddings | str | np.ndarray", factory: str, num_shards: int,
+               shard: "int | Sequence[int] | None") -> BuildPlan:
+    """Check the arguments of a build (before any work) and say what it covers."""
+    emb = as_embeddings(embeddings)
+    if len(emb) == 0:
+        raise ValueError("no embeddings to index")
+    return BuildPlan(emb, shard_ranges(len(emb), num_shards), _shard_numbers(num_shards, shard),
+                     takes_global_ids(new_index(emb.dim, factory)))
+
+
 def build_index(embeddings: "Embeddings | str | np.ndarray", output: str | None = None,
                 factory: str = "Flat", num_shards: int = 1,
                 shard: "int | Sequence[int] | None" = None,
@@ -607,17 +620,21 @@ def build_index(embeddings: "Embeddings | str | np.ndarray", output: str | None 
     if output is not None:
         return build_index_folder(embeddings, output, factory, num_shards, shard, train_size,
                                   seed, progress).index
-    emb = as_embeddings(embeddings)
-    if len(emb) == 0:
-        raise ValueError("no embeddings to index")
-    ranges = shard_ranges(len(emb), num_shards)
-    numbers = _shard_numbers(num_shards, shard)
-    global_ids = takes_global_ids(new_index(emb.dim, factory))
-    meta = _index_meta(emb, factory, ranges, global_ids, train_size, seed)
+    plan = plan_build(embeddings, factory, num_shards, shard)
+    emb = plan.emb
+    meta = _index_meta(emb, factory, plan.ranges, plan.global_ids, train_size, seed)
     trained = train_index(emb, factory, train_size, seed)
-    built = [build_shard(emb, trained, *ranges[i], progress, f"index shard {i}")
-             for i in numbers]
+    built = [build_shard(emb, trained, *plan.ranges[i], progress, f"index shard {i}")
+             for i in plan.numbers]
     return ShardedIndex(built, emb.dim, factory, meta)
+
+
+def _write_shard(emb: Embeddings, trained: faiss.Index, rows: tuple[int, int], path: str,
+                 progress: bool, number: int) -> dict:
+    """Build index shard ``number`` and write it; its file record. The index is freed on
+    return, before the next shard is built or the finished folder is loaded."""
+    built = build_shard(emb, trained, *rows, progress, f"index shard {number}")
+    return _write_index_atomic(built.index, path)
 
 
 def build_index_folder(embeddings: "Embeddings | str | np.ndarray", output: str,
@@ -629,18 +646,14 @@ def build_index_folder(embeddings: "Embeddings | str | np.ndarray", output: str,
 
     A folder built from other embeddings (digest) is rebuilt from scratch; a shard whose
     file does not match its recorded size and sha256 (truncated, replaced) is rebuilt."""
-    emb = as_embeddings(embeddings)
-    if len(emb) == 0:
-        raise ValueError("no embeddings to index")
-    ranges = shard_ranges(len(emb), num_shards)
-    numbers = _shard_numbers(num_shards, shard)
-    global_ids = takes_global_ids(new_index(emb.dim, factory))
+    plan = plan_build(embeddings, factory, num_shards, shard)
+    emb = plan.emb
     root = storage.normalize(output)
     storage.makedirs(root)
     report = BuildReport()
     with _folder_lock(root):
         meta, report.rebuilt_all = _prepare_folder(
-            root, _index_meta(emb, factory, ranges, global_ids, train_size, seed, root))
+            root, _index_meta(emb, factory, plan.ranges, plan.global_ids, train_size, seed, root))
     try:
         trained = _load_or_train(root, meta, emb, train_size, seed)
     except ValueError:
@@ -649,7 +662,7 @@ def build_index_folder(embeddings: "Embeddings | str | np.ndarray", output: str,
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(os.path.join(root, name))
         raise
-    for i in numbers:
+    for i in plan.numbers:
         path = os.path.join(root, shard_file(i))
         problem = file_problem(path, meta.get("files", {}).get(shard_file(i)))
         if problem is None:
@@ -659,8 +672,7 @@ def build_index_folder(embeddings: "Embeddings | str | np.ndarray", output: str,
         if problem != "missing":
             log.warning("index shard %d (%s): %s; rebuilding it", i, path, problem)
             report.repaired[i] = problem
-        built = build_shard(emb, trained, *ranges[i], progress, f"index shard {i}")
-        record = _write_index_atomic(built.index, path)
+        record = _write_shard(emb, trained, plan.ranges[i], path, progress, i)
         meta = _record_file(root, shard_file(i), record, meta["embeddings_digest"], shard=True)
         report.built.append(i)
     with _folder_lock(root):

@@ -22,8 +22,9 @@ from typing import Any, Iterable, Mapping
 
 import numpy as np
 
-__all__ = ["file_sha256", "bytes_sha256", "encoder_identity", "same_encoder",
-           "describe_encoder", "combine_digests", "array_digest", "embeddings_digest"]
+__all__ = ["file_sha256", "bytes_sha256", "file_record", "encoder_identity", "same_encoder",
+           "describe_encoder", "combine_digests", "array_digest", "rows_digest",
+           "embeddings_digest"]
 
 _CHUNK = 1 << 22
 
@@ -39,6 +40,14 @@ def file_sha256(path: str | os.PathLike) -> str:
         for block in iter(lambda: f.read(_CHUNK), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def file_record(path: str | os.PathLike) -> dict[str, Any]:
+    """``{"size", "mtime_ns", "sha256"}`` of a local file: size and mtime make the check
+    at reuse cheap (a file whose size and mtime are unchanged is not read again), the
+    sha256 settles it when they differ (a copied folder: new mtimes, same bytes)."""
+    st = os.stat(path)
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": file_sha256(path)}
 
 
 def encoder_identity(path: str | os.PathLike) -> dict[str, str]:
@@ -82,21 +91,33 @@ def combine_digests(parts: Iterable[str], **fields: Any) -> str:
 
 
 def array_digest(array: np.ndarray) -> str:
-    """sha256 of an array's dtype, shape and C-order bytes."""
-    a = np.ascontiguousarray(array)
+    """sha256 of an array's dtype, shape and C-order bytes, read in chunks of about 4 MiB
+    (a memory-mapped array is never copied whole)."""
+    a = np.asarray(array)
     h = hashlib.sha256(f"{a.dtype.str}{a.shape}".encode())
-    step = max(1, _CHUNK // max(1, a.itemsize * (a.shape[1] if a.ndim == 2 else 1)))
+    if a.ndim == 0:
+        h.update(a.tobytes())
+        return h.hexdigest()
+    step = max(1, _CHUNK // max(1, a.itemsize * (a[0].size if len(a) else 1)))
     for s in range(0, len(a), step):
         h.update(np.ascontiguousarray(a[s:s + step]).tobytes())
     return h.hexdigest()
 
 
+def rows_digest(emb: Any) -> str:
+    """The digest of a set of embeddings computed over its rows, shard by shard (whatever
+    its ``embeddings.json`` records): equal rows give equal digests."""
+    parts = [array_digest(np.asarray(a)) for a in emb.arrays]
+    return combine_digests(parts, dim=int(emb.dim))
+
+
 def embeddings_digest(emb: Any) -> str:
     """The digest of a set of embeddings (``retrieval.Embeddings``): the one its
     ``embeddings.json`` records, else computed over its rows shard by shard (folders written
-    before digests were recorded, in-memory arrays)."""
+    before digests were recorded, in-memory arrays). ``Embeddings.open`` checks the recorded
+    digest against the ``.npy`` files first (``file_record``) and computes it from the rows
+    when a file changed, so the digest returned here stands for the rows."""
     recorded = (getattr(emb, "meta", None) or {}).get("digest")
     if recorded:
         return str(recorded)
-    parts = [array_digest(np.asarray(a)) for a in emb.arrays]
-    return combine_digests(parts, dim=int(emb.dim))
+    return rows_digest(emb)

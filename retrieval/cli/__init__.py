@@ -5,6 +5,7 @@ library below it sees an ``nn.Module``.
 """
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 from typing import Any
@@ -26,7 +27,7 @@ def parse_ints(text: str, what: str) -> list[int]:
     return values
 
 
-def add_search_params(p) -> None:
+def add_search_params(p: argparse.ArgumentParser) -> None:
     """The index's search-time knobs, shared by search, evaluate and localize."""
     p.add_argument("--nprobe", type=int, metavar="P",
                    help="IVF lists to visit (tune by recall@100 against Flat)")
@@ -35,7 +36,7 @@ def add_search_params(p) -> None:
                    help="for ',RFlat' factories: re-rank the top k*F candidates exactly")
 
 
-def search_params(args) -> dict:
+def search_params(args: argparse.Namespace) -> dict[str, Any]:
     """Keyword arguments for ``retrieval.search`` from ``add_search_params``'s flags."""
     for flag, value in (("--nprobe", args.nprobe), ("--ef-search", args.ef_search),
                         ("--k-factor", args.k_factor)):
@@ -54,7 +55,7 @@ def device() -> "Any":
     return torch.device("cpu")
 
 
-def load_model(path: str):
+def load_model(path: str) -> "tuple[Any, tuple[int, int], int]":
     """``(encoder, (H, W), dim)`` from a saved encoder; a one-line error when it does not load."""
     if not os.path.exists(path):
         raise CommandError(f"encoder not found: {path}")
@@ -65,8 +66,9 @@ def load_model(path: str):
     except CommandError:
         raise
     except Exception as exc:  # noqa: BLE001 - any failure to load is the user's input
-        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CommandError(f"cannot load encoder {path}: {msg}") from None
+        from shard_tools.cli import error_line
+
+        raise CommandError(f"cannot load encoder {path}: {error_line(exc)}") from None
 
 
 def model_identity(path: str) -> dict:
@@ -83,6 +85,6 @@ def model_label(path: str) -> str:
     return model_identity(path)["path"]
 
 
-def add_common(p, progress: bool = True) -> None:
+def add_common(p: argparse.ArgumentParser, progress: bool = True) -> None:
     if progress:
         p.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -1,7 +1,14 @@
 """``python -m retrieval index``: embeddings -> sharded FAISS index (inner product)."""
 from __future__ import annotations
 
+import argparse
+from typing import TYPE_CHECKING
+
 from . import CommandError, add_common
+
+if TYPE_CHECKING:
+    from ..embed import Embeddings
+    from ..index import BuildReport
 
 HELP = "build a sharded FAISS index (Flat, IVF, PQ, HNSW by factory string) over embeddings"
 EXAMPLES = """\
@@ -23,7 +30,7 @@ built (not with --shard).
 """
 
 
-def add_arguments(p) -> None:
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--embeddings", required=True, metavar="EMB", help="embeddings folder")
     p.add_argument("--output", required=True, metavar="IDX", help="index folder")
     p.add_argument("--factory", default="Flat",
@@ -46,7 +53,7 @@ def shard_list(numbers: list[int]) -> str:
     return str(numbers) if len(numbers) < 10 else f"{len(numbers)} shards"
 
 
-def summary(args, emb, report) -> str:
+def summary(args: argparse.Namespace, emb: "Embeddings", report: "BuildReport") -> str:
     """What this run did: built (new or repaired) and kept shards, each named once."""
     done = [f"built {shard_list(report.built)}" if report.built else "built none"]
     if report.repaired:
@@ -57,7 +64,7 @@ def summary(args, emb, report) -> str:
             f"({'; '.join(done)})")
 
 
-def run(args) -> int:
+def run(args: argparse.Namespace) -> int:
     from ..distributed import array_task, take_part
     from ..embed import Embeddings
     from ..index import build_index_folder, merge_ondisk, new_index, takes_global_ids

@@ -1,9 +1,9 @@
 """``python -m retrieval search``: query embeddings -> top-k per query (JSON lines)."""
 from __future__ import annotations
 
+import argparse
 import errno
 import json
-import logging
 import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -15,8 +15,7 @@ if TYPE_CHECKING:
 
     from ..embed import Embeddings
     from ..index import ShardedIndex
-
-log = logging.getLogger(__name__)
+    from ..search import SearchResult
 
 HELP = "search a sharded index with query embeddings; top-k merged over all shards"
 EXAMPLES = """\
@@ -36,7 +35,7 @@ Each output line: {"query": key, "rotation": r, "ids": [global row ids],
 """
 
 
-def add_arguments(p) -> None:
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--index", required=True, metavar="IDX", help="index folder")
     p.add_argument("--queries", required=True, metavar="EMB", help="query embeddings folder")
     p.add_argument("-k", "--k", type=int, default=100, help="results per query (default 100)")
@@ -62,27 +61,9 @@ class Inputs:
     vectors: "np.ndarray | None"
 
 
-def check_encoders(database, queries, index_encoder, allow: bool) -> None:
-    """Refuse queries embedded by another encoder than the index's embeddings (weights
-    digest), unless ``--allow-mixed-encoders``; unknown on either side: nothing to compare."""
-    from ..provenance import describe_encoder, same_encoder
-
-    made_db = index_encoder or database.meta.get("encoder")
-    made_q = queries.meta.get("encoder")
-    if same_encoder(made_db, made_q) is not False:
-        return
-    text = (f"the index's embeddings ({database.root}) were made by "
-            f"{describe_encoder(made_db)}, the queries ({queries.root}) by "
-            f"{describe_encoder(made_q)}")
-    if allow:
-        log.warning("%s: scores compare different encoders (--allow-mixed-encoders)", text)
-        return
-    raise CommandError(f"{text}; pass --allow-mixed-encoders to search anyway")
-
-
-def open_inputs(args, rank: int, world: int) -> Inputs:
+def open_inputs(args: argparse.Namespace, rank: int, world: int) -> Inputs:
     from ..distributed import take_part
-    from ..embed import Embeddings
+    from ..embed import Embeddings, check_same_encoder
     from ..index import ShardedIndex, read_meta
     from ..search import check_finite
 
@@ -94,7 +75,10 @@ def open_inputs(args, rank: int, world: int) -> Inputs:
     numbers = take_part(list(range(len(meta["shards"]))), rank, world) if world > 1 else None
     index = ShardedIndex.load(args.index, numbers, check_embeddings=False)
     database = index.open_embeddings()
-    check_encoders(database, queries, meta.get("encoder"), args.allow_mixed_encoders)
+    # the encoder the index records, else the one its embeddings record
+    check_same_encoder(meta.get("encoder") or database.encoder, queries.encoder,
+                       f"the index's embeddings ({database.root})",
+                       f"the queries ({queries.root})", allow=args.allow_mixed_encoders)
     vectors = None
     if rank == 0:
         vectors = queries.all()
@@ -113,7 +97,7 @@ def check_output(path: str) -> None:
     storage.makedirs(os.path.dirname(os.path.abspath(path)))
 
 
-def write_results(args, inputs: Inputs, res) -> None:
+def write_results(args: argparse.Namespace, inputs: Inputs, res: "SearchResult") -> None:
     from shard_tools import storage
 
     keys = inputs.database.keys
@@ -127,7 +111,7 @@ def write_results(args, inputs: Inputs, res) -> None:
     storage.write_bytes_atomic(args.output, ("\n".join(lines) + "\n").encode())
 
 
-def run(args) -> int:
+def run(args: argparse.Namespace) -> int:
     import numpy as np
 
     from ..distributed import checked_together, init_process_group_from_env

@@ -220,6 +220,37 @@ def test_a_shard_changed_since_embedded_is_embedded_again_and_said_so(tile_shard
     assert embed_shards(enc, str(shards), str(out), (32, 32), progress=False).shards_skipped == 6
 
 
+def test_opening_embeddings_hashes_only_files_whose_size_or_mtime_changed(tmp_path, monkeypatch,
+                                                                        caplog):
+    import shutil
+
+    import retrieval.embed as embed_module
+    from retrieval.provenance import rows_digest
+    from tests.retrieval.helpers import unit_rows
+    from tests.retrieval.test_index_search import write_embeddings
+
+    src = write_embeddings(tmp_path / "emb", unit_rows(40, 8, 1), 10)
+    digest = Embeddings.open(str(src)).digest
+    hashed: list[str] = []
+    real_sha256 = embed_module.file_sha256
+    monkeypatch.setattr(embed_module, "file_sha256",
+                        lambda path: hashed.append(os.path.basename(path)) or real_sha256(path))
+    assert Embeddings.open(str(src)).digest == digest and hashed == []    # stat only
+    copy = shutil.copytree(src, tmp_path / "copy", copy_function=shutil.copyfile)  # new mtimes
+    with caplog.at_level("WARNING", logger="retrieval.embed"):
+        assert Embeddings.open(str(copy)).digest == digest      # same bytes: accepted
+    assert sorted(hashed) == [f"images-{i:06d}.npy" for i in range(4)] and not caplog.text
+    hashed.clear()
+    assert Embeddings.open(str(copy)).digest == digest and hashed == []   # mtimes recorded
+    np.save(copy / "images-000002.npy", unit_rows(10, 8, 9))     # other rows, same shape
+    with caplog.at_level("WARNING", logger="retrieval.embed"):
+        changed = Embeddings.open(str(copy))
+    assert hashed == ["images-000002.npy"]
+    assert changed.digest != digest and changed.digest == rows_digest(Embeddings(changed.arrays))
+    assert f"{copy / 'images-000002.npy'} is not the file {copy / 'embeddings.json'} records" \
+        in caplog.text
+
+
 def test_another_encoder_into_the_same_folder_is_refused_naming_both(tile_shards, tmp_path):
     a = {"path": "/encoders/init", "weights_sha256": "a" * 64}
     b = {"path": "/encoders/trained", "weights_sha256": "b" * 64}

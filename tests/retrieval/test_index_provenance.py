@@ -57,6 +57,28 @@ def test_index_rerun_after_the_embeddings_were_replaced_rebuilds_from_the_new_on
     assert ids == brute_force(b, q, 5)[1].tolist()
 
 
+def test_rows_replaced_behind_embeddings_json_are_refused_by_search_and_rebuilt_by_index(
+        tmp_path):
+    emb, idx = tmp_path / "emb", tmp_path / "idx"
+    write_embeddings(emb, unit_rows(60, 8, 1), 30)
+    q = unit_rows(4, 8, 3)
+    qemb = write_embeddings(tmp_path / "q", q, 4)
+    assert index(emb, idx, "--num-shards", "2")[0] == 0
+    other = unit_rows(60, 8, 2)
+    np.save(emb / "images-000000.npy", other[:30])     # same shape, embeddings.json kept
+    code, err, _ = search_ids(idx, qemb, tmp_path / "r.jsonl")
+    assert code == 2 and err[-1].startswith(f"error: {idx / 'index.json'}: the embeddings in "
+                                            f"{emb} are not those the index was built from"), err
+    assert any(ln.startswith("WARNING") and str(emb / "images-000000.npy") in ln
+               for ln in err), err
+    code, err, out = index(emb, idx, "--num-shards", "2")
+    assert code == 0 and any("built from other embeddings" in ln for ln in err), err
+    assert "built [0, 1]" in out and "kept" not in out, out
+    code, err, ids = search_ids(idx, qemb, tmp_path / "r.jsonl")
+    rows = np.concatenate([other[:30], unit_rows(60, 8, 1)[30:]])
+    assert code == 0 and ids == brute_force(rows, q, 5)[1].tolist(), err
+
+
 def test_search_refuses_an_index_whose_embeddings_were_replaced_by_fewer_rows(tmp_path):
     emb, idx = tmp_path / "emb", tmp_path / "idx"
     write_embeddings(emb, unit_rows(60, 8, 1), 30)

@@ -15,6 +15,8 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
+from shard_tools.cli import error_line
+
 from .config import ModelConfig
 from .model import LocalizationModel, build_model
 from .weights import load_checked
@@ -69,11 +71,6 @@ def save_encoder(model: nn.Module, path: str | os.PathLike, extra: Mapping[str, 
     return out
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
 def _read_config(cfg_path: Path) -> ModelConfig:
     """The ``ModelConfig`` of a saved encoder; every way ``config.json`` can be wrong is a
     ValueError naming the file, since the folder may hold several candidates."""
@@ -91,7 +88,7 @@ def _read_config(cfg_path: Path) -> ModelConfig:
     try:
         return ModelConfig.from_dict(meta["model"]).replace(pretrained=None, compile=False)
     except (ValueError, TypeError, KeyError) as exc:
-        raise ValueError(f"{cfg_path}: {_first_line(exc)}") from None
+        raise ValueError(f"{cfg_path}: {error_line(exc)}") from None
 
 
 def load_encoder(
@@ -111,7 +108,7 @@ def load_encoder(
     try:
         state = load_file(str(w_path), device="cpu")
     except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types
-        raise ValueError(f"{w_path}: not a readable safetensors file ({_first_line(exc)})") from None
+        raise ValueError(f"{w_path}: not a readable safetensors file ({error_line(exc)})") from None
     load_checked(model, state, "the saved config", str(w_path))
     model = model.to(device).eval()
     if compile:
