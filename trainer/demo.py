@@ -5,6 +5,12 @@ dataset, mine query pairs, pack shards, train (``accelerate launch``), evaluate 
 untrained and the trained encoder, index and localize. Every step is resumable, so a
 re-run skips what is done. The exact command lines go into ``DIR/report.md``
 (``trainer.report``) so that each step can be reproduced by hand.
+
+Ctrl-C (or SIGTERM) stops the demo cleanly: each step runs in its own session, and the
+demo passes the signal to it once, as a terminal would (torchrun starts its workers
+alike), then waits for it: the trainer finishes its update and writes a checkpoint
+(``accelerate launch`` gives it 5 s before a SIGKILL). The demo then exits 130 (143)
+with one line, and the same command continues.
 """
 from __future__ import annotations
 
@@ -13,11 +19,15 @@ import json
 import logging
 import os
 import shlex
+import signal
 import subprocess
 import sys
 import time
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import FrameType
+from typing import Iterator
 
 log = logging.getLogger(__name__)
 
@@ -156,16 +166,73 @@ def pick_queries(folder: Path, n: int) -> list[str]:
     return names[::stride][:n]
 
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class Interrupted(Exception):
+    """A stop signal reached the demo; ``step`` (if one was running) stopped with ``code``."""
+
+    def __init__(self, signum: int, step: str | None = None, code: int | None = None) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum, self.step, self.code = signum, step, code
+
+    def message(self) -> str:
+        where = (f"demo step '{self.step}' stopped with exit code {self.code}" if self.step
+                 else "the demo stopped")
+        return (f"interrupted by {signal.Signals(self.signum).name}: {where}; run the same "
+                "command again to continue")
+
+
+def _raise_interrupted(signum: int, frame: FrameType | None) -> None:
+    raise Interrupted(signum)
+
+
+@contextmanager
+def stop_signals_raise() -> Iterator[None]:
+    """SIGINT and SIGTERM raise ``Interrupted`` while the demo runs (SIGTERM would
+    otherwise end the demo at once and leave its step running)."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield                            # signal handlers belong to the main thread
+        return
+    old = {sig: signal.signal(sig, _raise_interrupted) for sig in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+
+
+def _wait(proc: subprocess.Popen) -> tuple[int, int | None]:
+    """(the child's exit code, the first stop signal that arrived meanwhile). The child has
+    its own process group: each signal is passed to that group once, as a terminal passes
+    Ctrl-C to a foreground job, and the child decides how to stop (the trainer finishes its
+    update and checkpoints; a second Ctrl-C stops it at once)."""
+    stopped: int | None = None
+    while True:
+        try:
+            return proc.wait(), stopped
+        except (KeyboardInterrupt, Interrupted) as exc:
+            signum = exc.signum if isinstance(exc, Interrupted) else signal.SIGINT
+            stopped = stopped or signum
+            with suppress(ProcessLookupError):
+                os.killpg(proc.pid, signum)
+
+
 def run_step(step: Step, env: dict) -> float:
-    """Run one command with its output on the console; a failure ends the demo (exit 2)."""
+    """Run one command with its output on the console; a failure ends the demo (exit 2), a
+    stop signal ``Interrupted`` once the command has stopped."""
     if step.done is not None and step.done.exists():
         log.info("%s: done already (%s)", step.name, step.done)
         return 0.0
     print(f"\n== {step.name}: {step.shell()}", flush=True)
     t0 = time.perf_counter()
-    proc = subprocess.run(step.argv, env=env)
-    if proc.returncode != 0:
-        print(f"error: demo step '{step.name}' failed with exit code {proc.returncode}: "
+    code, stopped = _wait(subprocess.Popen(step.argv, env=env, start_new_session=True))
+    if stopped is not None:
+        raise Interrupted(stopped, step.name, code)
+    if code != 0:
+        print(f"error: demo step '{step.name}' failed with exit code {code}: "
               f"{step.shell()}", file=sys.stderr)
         raise SystemExit(2)
     return time.perf_counter() - t0
@@ -194,6 +261,22 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_intermixed_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        with stop_signals_raise():
+            return _run(args)
+    except KeyboardInterrupt:            # before the handlers were in place
+        return _interrupted(Interrupted(signal.SIGINT))
+    except Interrupted as exc:
+        return _interrupted(exc)
+
+
+def _interrupted(exc: Interrupted) -> int:
+    print(exc.message(), file=sys.stderr)
+    return 128 + exc.signum
+
+
+def _run(args: argparse.Namespace) -> int:
+    """The demo's steps in order (``main`` turns a stop signal into one line)."""
     if not Path(args.recipe).is_file():
         print(f"error: {args.recipe}: no such recipe", file=sys.stderr)
         return 2

@@ -1,11 +1,16 @@
 """``python -m trainer demo``: its arguments are checked before the long data steps."""
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
 
-from conftest import REPO
+from conftest import PYTHON, REPO, run_env
 from trainer.demo import Step, main, run_step
 
 RECIPE = str(REPO / "configs" / "demo-bluemarble.yaml")
@@ -36,3 +41,80 @@ def test_a_failed_step_ends_the_demo_with_exit_2(capsys):
         run_step(Step("broken", [sys.executable, "-c", "raise SystemExit(3)"]), {})
     assert stop.value.code == 2
     assert "error: demo step 'broken' failed with exit code 3" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- Ctrl-C and SIGTERM
+
+def _start_demo(out: Path, *python: str) -> subprocess.Popen:
+    """The demo in a session of its own, so that a signal to its group is what a terminal
+    sends to a foreground job on Ctrl-C."""
+    return subprocess.Popen([PYTHON, *python, "--output", str(out), "--recipe", RECIPE,
+                             "--workers", "1"], cwd=REPO, env=run_env(), text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            start_new_session=True)
+
+
+def _when(pred, proc: subprocess.Popen, what: str, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    while not pred():
+        if proc.poll() is not None or time.time() > deadline:
+            proc.kill()
+            raise AssertionError(f"no {what}: {proc.communicate()[1][-2000:]}")
+        time.sleep(0.05)
+
+
+@pytest.mark.slow
+def test_ctrl_c_during_a_step_stops_the_demo_with_exit_130_and_one_line(tmp_path):
+    demo = _start_demo(tmp_path / "d", "-m", "trainer", "demo")
+    # read line by line (readline returns "" once the demo ended) until the first step
+    # has started and logs its work (a Ctrl-C during its imports is its own traceback)
+    _when(lambda: "== dataset:" in demo.stdout.readline(), demo, "first step")
+    _when(lambda: "shard_tools.bluemarble" in demo.stderr.readline(), demo, "work")
+    os.killpg(demo.pid, signal.SIGINT)
+    out, err = demo.communicate(timeout=120)
+    assert demo.returncode == 130, err[-2000:]
+    assert "Traceback" not in err
+    assert err.strip().splitlines()[-1] == (
+        "interrupted by SIGINT: demo step 'dataset' stopped with exit code 130; run the same "
+        "command again to continue")
+
+
+CHILD = """
+import pathlib, signal, sys, time
+marker = pathlib.Path(sys.argv[1])
+got = []
+signal.signal(signal.SIGINT, lambda s, f: got.append(s))
+signal.signal(signal.SIGTERM, lambda s, f: got.append(s))
+marker.with_suffix(".ready").write_text("")
+while not got:
+    time.sleep(0.05)
+time.sleep(1.5)                       # a trainer finishing its update and checkpoint
+marker.write_text(",".join(signal.Signals(s).name for s in got))
+sys.exit(7)
+"""
+
+DRIVER = """
+import sys, types
+# the recipe check imports torch (5 s), which is not what this test is about
+sys.modules["trainer.recipe"] = types.SimpleNamespace(
+    ConfigError=ValueError, Recipe=types.SimpleNamespace(load=lambda *args: None))
+from trainer import demo
+child, marker = sys.argv[1], sys.argv[2]
+demo.DemoPlan.data_steps = lambda plan: [demo.Step("slow", [sys.executable, child, marker])]
+sys.exit(demo.main(sys.argv[3:]))
+"""
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_a_stop_signal_reaches_the_step_once_and_the_demo_waits_for_it(tmp_path, sig):
+    (tmp_path / "child.py").write_text(CHILD)
+    marker = tmp_path / "stopped.txt"
+    demo = _start_demo(tmp_path / "d", "-c", DRIVER, str(tmp_path / "child.py"), str(marker))
+    _when(lambda: marker.with_suffix(".ready").exists(), demo, "running step")
+    os.killpg(demo.pid, sig)        # the demo's group: the step runs in a session of its own
+    _, err = demo.communicate(timeout=60)
+    assert marker.read_text() == signal.Signals(sig).name     # once, and waited for
+    assert demo.returncode == 128 + sig and "Traceback" not in err
+    assert err.strip().splitlines() == [
+        f"interrupted by {signal.Signals(sig).name}: demo step 'slow' stopped with exit code 7; "
+        "run the same command again to continue"]
