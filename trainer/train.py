@@ -17,7 +17,11 @@ SIGTERM, SIGINT (Ctrl-C) and SIGUSR1 (SLURM's warning before the time limit) sto
 run at the end of the current update: every rank agrees on that update (a max-reduce
 of the stop flag after each update), writes its part of a checkpoint, and the process
 exits with 128 + the signal number (143, 130, 138) and one line on stderr. A second
-Ctrl-C stops at once, without a checkpoint.
+Ctrl-C stops at once, without a checkpoint. Under ``accelerate launch`` the launcher
+passes SIGTERM to the ranks and SIGKILLs them after a grace period: 5 s with one process
+(accelerate's own launcher, fixed), 30 s with several (torchrun's agent,
+``TORCH_ELASTIC_SHUTDOWN_TIMEOUT``). A checkpoint cut short there never counts; the
+previous one stands.
 """
 from __future__ import annotations
 
@@ -44,7 +48,11 @@ from shard_tools.cli import error_line
 from .recipe import ConfigError, Recipe
 
 if TYPE_CHECKING:
+    from accelerate import Accelerator
+
+    from .data import Batch
     from .resume import RecipeChange
+    from .tracking import WindowMeter
 
 __all__ = ["main", "Trainer", "TrainState", "RunError", "set_train_mode", "json_safe", "EXAMPLES",
            "STOP_SIGNALS"]
@@ -289,7 +297,7 @@ class Trainer:
         self._old_handlers: dict[int, Any] = {}
 
     # -- construction
-    def _accelerator(self):
+    def _accelerator(self) -> "Accelerator":
         from accelerate import Accelerator
         from accelerate.utils import ProjectConfiguration
 
@@ -403,7 +411,7 @@ class Trainer:
         """The lock: one process trains into a run folder at a time."""
         from .runfolder import run_lock
 
-        def take():
+        def take() -> None:
             storage.makedirs(self.run_dir)
             lock = run_lock(self.run_dir)
             lock.acquire()
@@ -623,7 +631,7 @@ class Trainer:
                 storage.put_file_atomic(os.path.join(tmp, fname), storage.join(target, fname))
 
     # -- the loop
-    def _image_grid(self, batch) -> None:
+    def _image_grid(self, batch: "Batch") -> None:
         from .tracking import batch_grid
 
         try:
@@ -757,7 +765,7 @@ class Trainer:
         acc.wait_for_everyone()
         return self.summary
 
-    def _log_window(self, meter, window_t0: float, bar) -> float:
+    def _log_window(self, meter: "WindowMeter", window_t0: float, bar: Any) -> float:
         """Average the window over ranks and log it (every rank takes part in the reduce)."""
         acc = self.acc
         n = meter.counts.get("loss", 0)

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import PYTHON, REPO, run_env
+from conftest import PYTHON, REPO, free_port, run_env
 from tests.trainer.test_train import load_weights, recipe, tiny_data, write_recipe  # noqa: F401
 
 from trainer.train import main
@@ -305,3 +305,30 @@ def test_a_signal_stops_at_an_update_with_a_checkpoint_and_one_line(tiny_data, t
                              env=_env(), capture_output=True, text=True, timeout=240)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert f"update {step}" in resumed.stderr
+
+
+@pytest.mark.slow
+def test_an_error_every_rank_agrees_on_is_one_line_and_both_ranks_leave_cleanly(tiny_data,
+                                                                              tmp_path):
+    run = tmp_path / "run"
+    cfg = write_recipe(tmp_path / "r.yaml", _recipe(tiny_data, run))
+    broken = run / "checkpoints" / "step-000000003"       # complete.json, no state.pt
+    broken.mkdir(parents=True)
+    (broken / "complete.json").write_text(json.dumps({"step": 3, "world_size": 2}))
+    proc = subprocess.run(
+        [PYTHON, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+         "--main_process_port", str(free_port()), "-m", "trainer", "--config", str(cfg),
+         "--no-progress", "--resume", "latest"],
+        cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith("error: no intact checkpoint"), \
+        proc.stderr[-3000:]
+    assert f"{broken}/state.pt: missing" in errors[0]
+    # no traceback of ours, no rank aborted by gloo (the launcher's own report of the exit
+    # codes stays; it may SIGTERM the slower rank once the first one has exited)
+    ours = [ln for ln in proc.stderr.splitlines() if "File " in ln and "/trainer/" in ln]
+    assert not ours and "terminate called" not in proc.stderr, proc.stderr[-3000:]
+    assert "gloo" not in proc.stderr.lower(), proc.stderr[-3000:]
+    assert not (run / ".train-lock.json").exists()       # released before the ranks leave
