@@ -200,8 +200,8 @@ def evaluate(database: "Embeddings | str", queries: "Embeddings | str", protocol
         raise ValueError(f"protocol must be one of {', '.join(PROTOCOLS)}, got {protocol!r}")
     ks = sorted({int(k) for k in ks})
     db, q = as_embeddings(database), as_embeddings(queries)
-    if not allow_mixed_encoders:
-        check_same_encoder(db.encoder, q.encoder, "the database", "the query embeddings")
+    check_same_encoder(db.encoder, q.encoder, "the database", "the query embeddings",
+                       allow=allow_mixed_encoders)
     if len(db) == 0:
         raise ValueError("the database embeddings are empty")
     if db.dim != q.dim:
