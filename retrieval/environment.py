@@ -101,8 +101,8 @@ def environment_lines(env: dict[str, Any]) -> list[str]:
         f"- CPU kernels {env.get('cpu_capability')} ({env.get('machine')}), "
         f"{env.get('threads')} threads; GPU {gpus}"
         + (f", CUDA {env['cuda']}" if env.get("cuda") and env.get("gpus") else ""),
-        f"- streamloc {env.get('streamloc')}, commit {env.get('git_commit') or 'unknown'}, "
-        f"seed {env.get('seed')}",
+        f"- streamloc {env.get('streamloc')}, commit {env.get('git_commit') or 'unknown'}"
+        + (f", seed {env['seed']}" if env.get("seed") is not None else ""),
     ]
     if env.get("ATEN_CPU_CAPABILITY"):
         lines[1] += f" (ATEN_CPU_CAPABILITY={env['ATEN_CPU_CAPABILITY']})"

@@ -35,6 +35,7 @@ EXAMPLES = """examples:
   python -m trainer demo                              # everything, into runs/demo (make demo)
   python -m trainer demo --output runs/demo2 --dry-run   # print the commands only
   python -m trainer demo --recipe configs/demo-bluemarble.yaml train.epochs=2
+  python -m trainer demo --report-table runs/demo      # the README's Results table
 
 Each step resumes: a killed demo re-run with the same command continues where it stopped.
 The demo starts from random weights (nothing is downloaded); give model.pretrained=/path
@@ -253,6 +254,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--localize", type=int, default=3, metavar="N",
                    help="test photographs to localize and map (default 3)")
     p.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
+    p.add_argument("--report-table", metavar="DIR", type=Path,
+                   help="print the README's Results table (recall, date, environment) of the "
+                        "finished demo in DIR, and exit")
     p.add_argument("overrides", nargs="*", metavar="section.key=value",
                    help="recipe overrides for the training step")
     return p
@@ -261,6 +265,16 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_intermixed_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)
+    if args.report_table is not None:
+        from .report import results_table
+
+        try:
+            print(results_table(args.report_table))
+        except FileNotFoundError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        return 0
     try:
         with stop_signals_raise():
             return _run(args)

@@ -104,6 +104,49 @@ def console_table(untrained: dict, trained: dict) -> str:
     return "\n".join([title, fmt(cols), fmt(["-" * w for w in widths])] + [fmt(r) for r in rows])
 
 
+def readme_table(untrained: dict, trained: dict) -> str:
+    """The README's Results table: per region and average, plus the rotation-dedupe average."""
+    lines = recall_table(untrained, trained, dedupe=False).splitlines()
+    if trained.get("average_dedupe"):
+        cells = [f"{u} → **{t}**" for u, t in zip(_row(untrained.get("average_dedupe")),
+                                                   _row(trained["average_dedupe"]))]
+        lines.append("| average, rotation dedupe | | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def environment_of(evaluation: dict, summary: dict) -> list[str]:
+    """The environment lines of a finished demo: training's (``summary.json``) and, where it
+    differs, the evaluation's."""
+    from retrieval.environment import environment_lines
+
+    train_env, eval_env = summary.get("environment"), evaluation.get("environment")
+    lines = []
+    if train_env:
+        lines += ["Training:"] + environment_lines(train_env)
+    if eval_env and {k: v for k, v in eval_env.items() if k != "seed"} != \
+            {k: v for k, v in (train_env or {}).items() if k != "seed"}:
+        lines += ["Evaluation:"] + environment_lines(eval_env)
+    return lines
+
+
+def results_table(demo: Path) -> str:
+    """What the README's Results section pastes: the table, the date and the environment
+    of a finished demo folder, read from what its steps wrote (never typed by hand)."""
+    import datetime
+
+    untrained, trained = _load(demo / "eval-untrained.json"), _load(demo / "eval-trained.json")
+    if not untrained or not trained:
+        raise FileNotFoundError(f"{demo} holds no finished demo (eval-untrained.json and "
+                                "eval-trained.json): run python -m trainer demo first")
+    summary = _load(demo / "train" / "summary.json")
+    when = datetime.datetime.fromtimestamp((demo / "eval-trained.json").stat().st_mtime,
+                                           datetime.timezone.utc).strftime("%Y-%m-%d")
+    env = environment_of(trained, summary)
+    return "\n".join([readme_table(untrained, trained), "",
+                      f"Measured {when} ({demo}), in:", ""] + [ln for ln in env if ln.startswith("- ")]
+                     or ["(no environment recorded)"])
+
+
 def _load(path: Path) -> dict[str, Any]:
     try:
         return json.loads(path.read_text())
@@ -183,6 +226,13 @@ def write_demo_report(plan: "DemoPlan", steps: Sequence["Step"], timings: dict[s
     md += ["## TensorBoard", "", "```bash", f"tensorboard --logdir {plan.run / 'tensorboard'}",
            "```", "", "## Reproduce each step", "", "```bash"]
     md += [s.shell() for s in steps] + ["```", ""]
+    env = environment_of(trained, summary)
+    if env:
+        md += ["## Environment", "",
+               "Trained weights are reproducible bit for bit with the same versions, the same "
+               "CPU kernels and thread count (any number of ranks); other versions or kernels "
+               "round differently and train other weights.", ""]
+        md += [ln if ln.startswith("- ") else f"{ln}" for ln in env] + [""]
     path = out / "report.md"
     path.write_text("\n".join(md))
     table = console_table(untrained, trained) if untrained and trained else "(no evaluation)"

@@ -757,9 +757,13 @@ class Trainer:
             self.tracker.hparams(self.recipe.flat(), final)
         throughput = {"images_per_s": None, "data_wait_fraction": None,
                       **st.throughput, "mined_queries": st.mined_queries_total}
+        from retrieval.environment import environment
+
         self.summary = json_safe({"updates": st.update, "epochs": st.epoch,
                                   "world_size": self.world, "param_sha256_by_rank": digests,
-                                  **final, **throughput})
+                                  **final, **throughput,
+                                  "seeds": {"train": r.train.seed, "data": r.data.seed},
+                                  "environment": environment(seed=r.train.seed)})
         if acc.is_main_process:
             storage.write_json_atomic(storage.join(self.run_dir, "summary.json"), self.summary)
         acc.wait_for_everyone()

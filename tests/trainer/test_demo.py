@@ -118,3 +118,32 @@ def test_a_stop_signal_reaches_the_step_once_and_the_demo_waits_for_it(tmp_path,
     assert err.strip().splitlines() == [
         f"interrupted by {signal.Signals(sig).name}: demo step 'slow' stopped with exit code 7; "
         "run the same command again to continue"]
+
+
+def test_report_table_prints_the_readme_table_from_a_finished_demo(tmp_path, capsys):
+    import json
+
+    from retrieval.environment import environment
+    from trainer.demo import main
+
+    def report(r1: float) -> dict:
+        rec = {"1": r1, "5": 2 * r1, "10": 50.0, "20": 60.0, "100": 90.0}
+        return {"protocol": "apl", "ks": [1, 5, 10, 20, 100],
+                "regions": [{"name": "alps", "queries": 40, "recall": rec,
+                             "recall_dedupe": rec}],
+                "average": rec, "average_dedupe": rec, "environment": environment()}
+
+    (tmp_path / "eval-untrained.json").write_text(json.dumps(report(12.5)))
+    (tmp_path / "eval-trained.json").write_text(json.dumps(report(25.0)))
+    (tmp_path / "train").mkdir()
+    (tmp_path / "train" / "summary.json").write_text(json.dumps(
+        {"updates": 3, "environment": environment(seed=4)}))
+    assert main(["--report-table", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "| alps | 40 | 12.5 → **25.0** | 25.0 → **50.0** |" in out
+    assert "| **average** | | 12.5 → **25.0** |" in out and "rotation dedupe" in out
+    import torch
+
+    assert torch.__version__ in out and "seed 4" in out and "Measured " in out
+    assert main(["--report-table", str(tmp_path / "nothing")]) == 2
+    assert capsys.readouterr().err.startswith("error: ")

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 
 from conftest import PYTHON, REPO, free_port, run_env
 from tests.trainer.test_train import load_weights, recipe, tiny_data, write_recipe  # noqa: F401
@@ -235,6 +236,19 @@ def test_summary_is_json_without_nan_and_keeps_throughput_after_a_resume_with_no
     assert again["updates"] == 6 and again["final/loss"] is None      # no update: no loss
     assert again["images_per_s"] == first["images_per_s"]
     assert again["data_wait_fraction"] == first["data_wait_fraction"]
+
+
+def test_summary_records_the_environment_it_trained_in_and_the_seeds(finished):
+    import torch
+
+    run, cfg = finished
+    summary = json.loads((run / "summary.json").read_text())
+    recipe = yaml.safe_load((run / "config.yaml").read_text())
+    env = summary["environment"]
+    assert env["versions"]["torch"] == torch.__version__
+    assert env["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert env["seed"] == recipe["train"]["seed"]
+    assert summary["seeds"] == {"train": recipe["train"]["seed"], "data": recipe["data"]["seed"]}
 
 
 # ---------------------------------------------------------------- other processes
