@@ -7,7 +7,8 @@ Trains the demo recipe for ``--updates`` optimizer updates (no validation) on a 
 demo's shards, once per variant, and compares the weights (sha256 of ``RUN/final``):
 
 - ``baseline`` twice: the same environment must give the same weights;
-- ``avx2``: ``ATEN_CPU_CAPABILITY=avx2``, the CPU kernels of a machine without AVX-512;
+- ``avx2``: ``ATEN_CPU_CAPABILITY=avx2``, ATen's kernels of a machine without AVX-512;
+- ``oneDNN avx2``: ``ONEDNN_MAX_CPU_ISA=AVX2``, the convolution library's kernels alike;
 - ``1 thread``: ``OMP_NUM_THREADS=1`` against the default;
 - ``--python PY``: another interpreter (a venv with other torch/torchvision versions and the
   project's dependencies) runs the same training.
@@ -83,6 +84,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     base_env.pop("ATEN_CPU_CAPABILITY", None)
     variants = [("baseline", sys.executable, {}, 1), ("baseline again", sys.executable, {}, 1),
                 ("avx2 kernels", sys.executable, {"ATEN_CPU_CAPABILITY": "avx2"}, 1),
+                ("oneDNN avx2", sys.executable, {"ONEDNN_MAX_CPU_ISA": "AVX2"}, 1),
                 ("1 thread", sys.executable, {"OMP_NUM_THREADS": "1"}, 1)]
     variants += [(f"python {py}", py, {}, 1) for py in args.python]
     rows = []

@@ -86,9 +86,9 @@ def environment(seed: int | None = None) -> dict[str, Any]:
         "git_commit": git_commit(),
         "seed": seed,
     }
-    aten = os.environ.get("ATEN_CPU_CAPABILITY")
-    if aten:
-        env["ATEN_CPU_CAPABILITY"] = aten
+    for var in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "OMP_NUM_THREADS"):
+        if os.environ.get(var):
+            env[var] = os.environ[var]
     return env
 
 
@@ -104,6 +104,8 @@ def environment_lines(env: dict[str, Any]) -> list[str]:
         f"- streamloc {env.get('streamloc')}, commit {env.get('git_commit') or 'unknown'}"
         + (f", seed {env['seed']}" if env.get("seed") is not None else ""),
     ]
-    if env.get("ATEN_CPU_CAPABILITY"):
-        lines[1] += f" (ATEN_CPU_CAPABILITY={env['ATEN_CPU_CAPABILITY']})"
+    forced = [f"{v}={env[v]}" for v in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA")
+              if env.get(v)]
+    if forced:
+        lines[1] += f" ({', '.join(forced)})"
     return lines
