@@ -128,8 +128,12 @@ class DemoPlan:
         paths = [f"train.run_dir={self.run}", f"data.train_shards={self.shards('train-places')}",
                  f"eval.database_shards={self.shards('database')}",
                  f"eval.query_shards={self.shards('queries-test')}"]
+        # one training thread, set rather than left to accelerate (which picks 1 or the
+        # physical core count): the thread count changes how reductions round, so the
+        # trained weights, and the README's figures, depend on it
         launch = [self.python, "-m", "accelerate.commands.launch", "--num_processes", "1",
-                  "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+                  "--num_machines", "1", "--num_cpu_threads_per_process", "1",
+                  "--mixed_precision", "no", "--dynamo_backend", "no"]
         return Step("train", launch + ["-m", "trainer", "--config", self.recipe, "--resume",
                                        "latest", *paths, *self.overrides],
                     done=self.run / "summary.json")
