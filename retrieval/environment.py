@@ -99,7 +99,7 @@ def environment_lines(env: dict[str, Any]) -> list[str]:
     lines = [
         f"- Python {env.get('python')}; {versions}",
         f"- CPU kernels {env.get('cpu_capability')} ({env.get('machine')}), "
-        f"{env.get('threads')} threads; GPU {gpus}"
+        f"{env.get('threads')} thread{'' if env.get('threads') == 1 else 's'}; GPU {gpus}"
         + (f", CUDA {env['cuda']}" if env.get("cuda") and env.get("gpus") else ""),
         f"- streamloc {env.get('streamloc')}, commit {env.get('git_commit') or 'unknown'}"
         + (f", seed {env['seed']}" if env.get("seed") is not None else ""),

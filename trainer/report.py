@@ -142,9 +142,10 @@ def results_table(demo: Path) -> str:
     when = datetime.datetime.fromtimestamp((demo / "eval-trained.json").stat().st_mtime,
                                            datetime.timezone.utc).strftime("%Y-%m-%d")
     env = environment_of(trained, summary)
-    return "\n".join([readme_table(untrained, trained), "",
-                      f"Measured {when} ({demo}), in:", ""] + [ln for ln in env if ln.startswith("- ")]
-                     or ["(no environment recorded)"])
+    return "\n".join([readme_table(untrained, trained), "", f"Measured {when} ({demo})."]
+                     + [f"\n{ln}\n" if not ln.startswith("- ") else ln for ln in env]
+                     if env else [readme_table(untrained, trained), "", f"Measured {when} "
+                                  f"({demo}); no environment recorded."])
 
 
 def _load(path: Path) -> dict[str, Any]:
