@@ -230,9 +230,10 @@ def write_demo_report(plan: "DemoPlan", steps: Sequence["Step"], timings: dict[s
     env = environment_of(trained, summary)
     if env:
         md += ["## Environment", "",
-               "Trained weights are reproducible bit for bit with the same versions, the same "
-               "CPU kernels and thread count (any number of ranks); other versions or kernels "
-               "round differently and train other weights.", ""]
+               "Trained weights are reproducible bit for bit with the same versions, on CPUs "
+               "with the same vector extensions, with the same thread count and number of "
+               "processes (benchmarks/train_determinism.py measures which change moves them).",
+               ""]
         md += [ln if ln.startswith("- ") else f"{ln}" for ln in env] + [""]
     path = out / "report.md"
     path.write_text("\n".join(md))

@@ -147,3 +147,28 @@ def test_report_table_prints_the_readme_table_from_a_finished_demo(tmp_path, cap
     assert torch.__version__ in out and "seed 4" in out and "Measured " in out
     assert main(["--report-table", str(tmp_path / "nothing")]) == 2
     assert capsys.readouterr().err.startswith("error: ")
+
+
+def test_the_demo_report_ends_with_the_environment_it_was_made_in(tmp_path):
+    import json
+
+    import torch
+
+    from retrieval.environment import environment
+    from trainer.demo import DemoPlan
+    from trainer.report import write_demo_report
+
+    plan = DemoPlan(tmp_path, "configs/demo-bluemarble.yaml")
+    rec = {"1": 10.0, "5": 20.0, "10": 30.0, "20": 40.0, "100": 50.0}
+    doc = {"regions": [{"name": "alps", "queries": 4, "recall": rec}], "average": rec,
+           "environment": environment()}
+    for which in ("untrained", "trained"):
+        (tmp_path / f"eval-{which}.json").write_text(json.dumps(doc))
+    plan.run.mkdir()
+    (plan.run / "summary.json").write_text(json.dumps({"updates": 2,
+                                                       "environment": environment(seed=3)}))
+    path, _ = write_demo_report(plan, [], {"total": 1.0})
+    text = path.read_text()
+    tail = text[text.index("## Environment"):]
+    assert torch.__version__ in tail and "seed 3" in tail
+    assert torch.backends.cpu.get_cpu_capability() in tail
