@@ -68,3 +68,28 @@ def copy_shards(src: Path, dst: Path) -> Path:
 
     shutil.copytree(src, dst)
     return dst
+
+
+def launch_two_ranks(command: str, *args, timeout: int = 300) -> subprocess.CompletedProcess:
+    """``python -m retrieval COMMAND ARGS`` as 2 real processes (accelerate, gloo on the CPU)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(run_env(), ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1")
+    return subprocess.run(
+        [str(Path(PYTHON).parent / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
+         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+         "--main_process_port", str(port), "-m", "retrieval", command, *map(str, args)],
+        capture_output=True, text=True, env=env, cwd=REPO, timeout=timeout)
+
+
+def assert_one_error_line_and_no_traceback(proc: subprocess.CompletedProcess, needle: str) -> None:
+    """A failing multi-rank command: exit != 0, one ``error:`` line naming ``needle``, none of
+    our frames and no gloo report."""
+    assert proc.returncode != 0
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1 and needle in errors[0], proc.stderr[-3000:]
+    ours = [ln for ln in proc.stderr.splitlines() if "retrieval" in ln and "File " in ln]
+    assert not ours and "gloo" not in proc.stderr.lower(), proc.stderr[-3000:]

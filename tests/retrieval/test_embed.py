@@ -340,27 +340,16 @@ def test_a_bad_shard_on_one_rank_of_two_is_one_error_line_and_both_ranks_stop(ti
                                                                                encoder_dir,
                                                                                tmp_path):
     import shutil
-    from pathlib import Path
 
-    from tests.retrieval.test_distributed_search import free_port
+    from tests.retrieval.helpers import assert_one_error_line_and_no_traceback, launch_two_ranks
 
     shards = tmp_path / "shards"
     shutil.copytree(tile_shards, shards)
     victim = shards / "images-000003.tar"                 # rank 1 of 2 takes shards 1, 3, 5
     victim.write_bytes(victim.read_bytes()[:3000])
     out = tmp_path / "emb"
-    env = dict(run_env(), ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1")
-    proc = subprocess.run(
-        [str(Path(PYTHON).parent / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
-         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-         "--main_process_port", str(free_port()), "-m", "retrieval", "embed", "--model",
-         str(encoder_dir), "--shards", str(shards), "--output", str(out), "--no-progress",
-         "--workers", "1"],
-        capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
-    assert proc.returncode != 0
-    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
-    assert len(errors) == 1 and "images-000003" in errors[0], proc.stderr[-3000:]
-    ours = [ln for ln in proc.stderr.splitlines() if "retrieval" in ln and "File " in ln]
-    assert not ours and "gloo" not in proc.stderr.lower(), proc.stderr[-3000:]
+    proc = launch_two_ranks("embed", "--model", encoder_dir, "--shards", shards, "--output", out,
+                            "--no-progress", "--workers", "1")
+    assert_one_error_line_and_no_traceback(proc, "images-000003")
     assert not (out / "images-000003.npy").exists() and not (out / "embeddings.json").exists()
     assert (out / "images-000000.npy").exists()         # rank 0's shards are kept

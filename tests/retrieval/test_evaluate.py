@@ -245,12 +245,8 @@ def test_a_search_knob_the_index_lacks_is_said_once_not_once_per_region(caplog):
 
 @pytest.mark.slow
 def test_a_failure_on_rank_0_of_two_while_scoring_is_one_line_and_both_ranks_stop(tmp_path):
-    import subprocess
-    from pathlib import Path
-
-    from conftest import PYTHON, REPO, run_env
-    from tests.retrieval.helpers import unit_rows
-    from tests.retrieval.test_distributed_search import free_port
+    from tests.retrieval.helpers import (assert_one_error_line_and_no_traceback,
+                                         launch_two_ranks, unit_rows)
     from tests.retrieval.test_index_search import write_embeddings
 
     db_recs = [{"key": f"t{i}", "footprint": _square(i, 0.0), "year": 2021, "lat": float(i),
@@ -259,17 +255,9 @@ def test_a_failure_on_rank_0_of_two_while_scoring_is_one_line_and_both_ranks_sto
                "rotation": 0, "image": i} for i in range(2)]
     db = write_embeddings(tmp_path / "db", unit_rows(8, 8), 4, db_recs)
     q = write_embeddings(tmp_path / "q", unit_rows(2, 8, seed=1), 2, q_recs)
-    env = dict(run_env(), ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1")
-    proc = subprocess.run(   # the alps hold none of these queries: rank 0 fails while scoring
-        [str(Path(PYTHON).parent / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
-         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-         "--main_process_port", str(free_port()), "-m", "retrieval", "evaluate",
-         "--database-embeddings", str(db), "--query-embeddings", str(q), "--protocol", "apl",
-         "--regions", "alps", "--output", str(tmp_path / "r.json")],
-        capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
-    assert proc.returncode != 0
-    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
-    assert len(errors) == 1 and "alps" in errors[0], proc.stderr[-3000:]
-    ours = [ln for ln in proc.stderr.splitlines() if "retrieval" in ln and "File " in ln]
-    assert not ours and "gloo" not in proc.stderr.lower(), proc.stderr[-3000:]
+    # the alps hold none of these queries: rank 0 fails while scoring
+    proc = launch_two_ranks("evaluate", "--database-embeddings", db, "--query-embeddings", q,
+                            "--protocol", "apl", "--regions", "alps", "--output",
+                            tmp_path / "r.json")
+    assert_one_error_line_and_no_traceback(proc, "alps")
     assert not (tmp_path / "r.json").exists()
