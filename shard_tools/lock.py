@@ -81,8 +81,25 @@ def slurm_job() -> str | None:
     return f"{job}_{task}" if job else None
 
 
+class _HeldWhileInside:
+    """``with lock:`` acquires on entry and releases on exit, for both kinds of lock."""
+
+    def acquire(self) -> None:
+        raise NotImplementedError
+
+    def release(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self):
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
 @dataclass
-class OutputLock:
+class OutputLock(_HeldWhileInside):
     """Context manager: hold the lock on shards ``[first, end)`` of ``out_url``."""
 
     out_url: str
@@ -176,16 +193,10 @@ class OutputLock:
         except OSError as exc:  # the run is over either way; the next one takes it over
             log.warning("could not remove the lock %s: %s", self.url, exc)
 
-    def __enter__(self) -> "OutputLock":
-        self.acquire()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.release()
 
 
 @dataclass
-class FolderLock:
+class FolderLock(_HeldWhileInside):
     """Context manager: hold ``FOLDER/<name>`` while this process writes the folder.
 
     Local folders: the lock file is created with ``O_EXCL``, so of two processes that
@@ -267,9 +278,3 @@ class FolderLock:
         except OSError as exc:  # the work is over either way; the next one takes it over
             log.warning("could not remove the lock %s: %s", self.url, exc)
 
-    def __enter__(self) -> "FolderLock":
-        self.acquire()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.release()
