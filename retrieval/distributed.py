@@ -77,13 +77,18 @@ def comm_device() -> torch.device:
     return torch.device("cpu")
 
 
-def all_ok(ok: bool) -> bool:
-    """True when every rank passes ``ok=True`` (one small all-reduce); ``ok`` alone."""
+def max_over_ranks(value: int) -> int:
+    """The largest ``value`` any rank passes (one small all-reduce); ``value`` alone."""
     if not in_group():
-        return ok
-    flag = torch.tensor([1 if ok else 0], dtype=torch.int32, device=comm_device())
-    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-    return bool(flag.item())
+        return int(value)
+    flag = torch.tensor([int(value)], dtype=torch.int64, device=comm_device())
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return int(flag.item())
+
+
+def all_ok(ok: bool) -> bool:
+    """True when every rank passes ``ok=True``; ``ok`` alone without a group."""
+    return max_over_ranks(0 if ok else 1) == 0
 
 
 @contextlib.contextmanager

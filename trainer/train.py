@@ -385,13 +385,9 @@ class Trainer:
     # -- the run folder: lock, identity, the checkpoint to resume
     def agree(self, ok: bool) -> bool:
         """True on every rank when every rank passes True (a collective: all ranks call it)."""
-        if self.world == 1:
-            return bool(ok)
-        import torch.distributed as dist
+        from retrieval.distributed import all_ok
 
-        flag = torch.tensor([0 if ok else 1], dtype=torch.int32, device=self.acc.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return int(flag.item()) == 0
+        return all_ok(ok)
 
     def _collective(self, fn: Callable[..., T], *args: Any) -> T | None:
         """``fn`` on the main process; its error stops every rank (printed once)."""
@@ -826,13 +822,9 @@ class Trainer:
 
     def _stop_requested(self) -> int | None:
         """The signal every rank stops for (the highest number any rank received), or None."""
-        seen = self._signal_seen
-        if self.world > 1:
-            import torch.distributed as dist
+        from retrieval.distributed import max_over_ranks
 
-            flag = torch.tensor([seen], dtype=torch.int32, device=self.acc.device)
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-            seen = int(flag.item())
+        seen = max_over_ranks(self._signal_seen)
         if seen and self._signal_seen == 0:
             self._signal_seen = seen
         return seen or None
