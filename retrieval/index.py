@@ -26,7 +26,6 @@ import fcntl
 import json
 import logging
 import os
-import re
 from dataclasses import dataclass, field
 from typing import Iterator, Sequence
 
@@ -722,12 +721,3 @@ def merge_ondisk(root: str) -> str:
         storage.write_json_atomic(os.path.join(root, INDEX_META), meta)
     return os.path.join(root, MERGED)
 
-
-_FACTORY_RE = re.compile(r"^[A-Za-z0-9_,.\-x]+$")
-
-
-def check_factory(factory: str) -> str:
-    """Reject obviously bad strings early (the real check is ``new_index``)."""
-    if not factory or not _FACTORY_RE.match(factory):
-        raise ValueError(f"bad FAISS factory string {factory!r}")
-    return factory

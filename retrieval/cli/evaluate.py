@@ -114,31 +114,29 @@ def _short_hash(value: Any) -> str:
     return hashlib.sha1(json.dumps(value, sort_keys=True).encode()).hexdigest()
 
 
-def _first_record(src: str, storage_options: Mapping[str, Any] | None) -> dict | None:
-    """The record of the first sample of an image shard set (None when it holds none)."""
-    from shard_tools.reader import iter_samples, list_shards
+def _first_record(shards: list, storage_options: Mapping[str, Any] | None) -> dict | None:
+    """The record of the first sample of a listed image shard set (None when it holds none)."""
+    from shard_tools.reader import iter_samples
 
     from ..embed import sample_record
 
-    for shard in list_shards(src, storage_options, "images", "embedding"):
+    for shard in shards:
         for sample in iter_samples(shard.url, storage_options):
             return sample_record(sample)
     return None
 
 
-def _cache_folder(cache: str, key: str, what: str, src: str, rotations: list[int],
-                  storage_options: Mapping[str, Any] | None) -> str:
+def _cache_folder(cache: str, key: str, what: str, src: str, names: list[str],
+                  rotations: list[int]) -> str:
     """One folder per encoder and shard set: another set of shard names is another
     folder; changed shards under the same names are re-embedded inside it."""
-    from shard_tools.reader import list_shards
-
-    names = [s.url for s in list_shards(src, storage_options, "images", "embedding")]
     tag = _short_hash([src, names])[:8]
     return os.path.join(cache, key, f"{what}-{tag}-r{'_'.join(map(str, rotations))}")
 
 
 def _embed_both(args, rank: int, world: int) -> tuple[str, str]:
     from shard_tools import storage
+    from shard_tools.reader import list_shards
 
     from ..distributed import checked_together
     from ..embed import embed_shards, finalize_embeddings
@@ -150,9 +148,12 @@ def _embed_both(args, rank: int, world: int) -> tuple[str, str]:
         ([0, 90, 180, 270] if args.protocol == "apl" else [0])
     opts = storage.parse_storage_options(args.storage_options)
     sets = (("database", args.database, rotations), ("queries", args.queries, [0]))
+    listed = {}   # each manifest is listed once here; embed_shards reads it for its digests
     with checked_together():    # every rank checks; a failure is said once, by its rank
         for what, src, _ in sets:   # before any image is embedded
-            check_protocol_record(args.protocol, _first_record(src, opts), f"--{what} {src}")
+            listed[what] = list_shards(src, opts, "images", "embedding")
+            check_protocol_record(args.protocol, _first_record(listed[what], opts),
+                                  f"--{what} {src}")
         model, size, _ = load_model(args.model)
         identity = model_identity(args.model)
     key = _short_hash([identity["weights_sha256"], list(size), args.dtype])[:12]
@@ -161,7 +162,7 @@ def _embed_both(args, rank: int, world: int) -> tuple[str, str]:
         log.info("embedding cache: %s (--cache to choose another)", os.path.join(cache, key))
     out = []
     for what, src, rots in sets:
-        folder = _cache_folder(cache, key, what, src, rots, opts)
+        folder = _cache_folder(cache, key, what, src, [s.url for s in listed[what]], rots)
         with checked_together():   # a bad shard on one rank stops every rank, said once
             embed_shards(model, src, folder, size, rots, args.batch_size, args.dtype, rank,
                          world, identity["path"], workers=args.workers, storage_options=opts,
